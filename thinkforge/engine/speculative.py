@@ -120,7 +120,7 @@ class MTPSpeculator:
         self.L = model.config.num_hidden_layers
         self.lean = LeanDecoder(model) if engine._lean is not None else None
         # The engine's cache is swapped for one that can also write a subset of rows.
-        engine.cache = SpecKVCache(engine.max_batch_size, engine.max_model_len)
+        engine.cache = SpecKVCache(engine.max_batch_size, 2 * engine.max_model_len)  # as the plain cache: pads + context
         self._prompt_hidden: torch.Tensor | None = None
         self.reset_metrics()
 
@@ -287,8 +287,9 @@ class MTPSpeculator:
         dev = eng.device
         c = torch.tensor([s.col for s in rows])
         offs = torch.tensor([s.off for s in rows])
-        # Never write past the context: near the end a round verifies fewer drafts (0 = plain decode).
-        k = max(0, min(self.k, eng.max_model_len - 1 - int(c.max())))
+        # Never write past the cache's columns: near the end a round verifies fewer drafts (0 = plain
+        # decode). Lengths are limited by positions, in `req.max_tokens`, exactly as in plain decoding.
+        k = max(0, min(self.k, eng.cache.max_len - 1 - int(c.max())))
         q = k + 1
         inp = torch.tensor([[s.last] + s.drafts[:k] for s in rows], device=dev)
         cols = c[:, None] + torch.arange(q)[None, :]
@@ -391,8 +392,7 @@ class MTPSpeculator:
         done = []
         for i, (s, toks, lps) in enumerate(zip(rows, emitted, logps, strict=True)):
             req = s.req
-            base = s.col - len(toks)  # column of the first emitted token's input
-            for n, (tok, lp) in enumerate(zip(toks, lps, strict=True)):
+            for tok, lp in zip(toks, lps, strict=True):
                 s.tokens.append(tok)
                 s.logprobs.append(lp)
                 s.last = tok
@@ -404,7 +404,7 @@ class MTPSpeculator:
                     reason = "stop"
                 elif req.params.stop and eng._hit_stop_string(s):
                     reason = "stop"
-                elif len(s.tokens) >= req.max_tokens or base + n + 1 >= eng.max_model_len - 1:
+                elif len(s.tokens) >= req.max_tokens:
                     reason = "length"
                 if reason is not None:
                     finished.append(eng._finish(s, reason))

@@ -262,10 +262,10 @@ def resolve_attn(cfg: SFTConfig, device: str) -> str:
     return "sdpa"
 
 
-def load_for_training(cfg: SFTConfig, device: str) -> tuple[Any, Any]:
+def load_for_training(cfg: SFTConfig, device: str, precision_device: str | None = None) -> tuple[Any, Any]:
     from thinkforge.model.io import load_model, load_tokenizer, resolve_dtype
 
-    precision = resolve_precision(cfg, device)
+    precision = resolve_precision(cfg, precision_device or device)
     weight_dtype = "float32" if cfg.dtype == "auto" and precision != "no" else cfg.dtype
     if cfg.qlora:
         model, tokenizer = _load_4bit(cfg, device), load_tokenizer(cfg.model)
@@ -274,7 +274,7 @@ def load_for_training(cfg: SFTConfig, device: str) -> tuple[Any, Any]:
     if not getattr(tokenizer, "chat_template", None):
         raise ThinkforgeError(f"model {cfg.model}: its tokenizer has no chat template (tokenizer_config.json "
                               "'chat_template'); SFT renders conversations with it")
-    attn = resolve_attn(cfg, device)
+    attn = resolve_attn(cfg, precision_device or device)
     if attn != "sdpa" and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(attn)
     if cfg.gradient_checkpointing:
@@ -337,7 +337,8 @@ def save_sft_checkpoint(out_dir: Path, model: Any, optimizer: Any, scheduler: An
         tmp = out_dir / ".checkpoint.tmp"
         acc.save_state(str(tmp / "accelerate"))
         if acc.is_main_process:
-            torch.save({"state": state, "fingerprint": fp, "rng": rng_state()}, tmp / "trainer.pt")
+            torch.save({"state": state, "fingerprint": fp, "rng": rng_state(), "scheduler": scheduler.state_dict()},
+                       tmp / "trainer.pt")
             with atomic_dir(final) as t:
                 os.replace(tmp / "accelerate", t / "accelerate")
                 os.replace(tmp / "trainer.pt", t / "trainer.pt")
@@ -362,6 +363,7 @@ def load_sft_checkpoint(out_dir: Path, model: Any, optimizer: Any, scheduler: An
         raise ThinkforgeError(f"{ckpt}: checkpoint is from another run ({why}); use a fresh out_dir or delete it")
     if acc is not None:
         acc.load_state(str(ckpt / "accelerate"))
+        scheduler.load_state_dict(blob["scheduler"])
         return blob["state"]
     from safetensors.torch import load_file
 
@@ -443,11 +445,13 @@ def sft(cfg: SFTConfig, progress: Any = None) -> dict[str, Any]:
     if distributed_launch():
         from accelerate import Accelerator
 
-        acc = Accelerator()
+        # cpu=True is what turns WORLD_SIZE > 1 into gloo DDP on CPUs (torchrun --nproc_per_node N).
+        acc = Accelerator(cpu=resolve_device(cfg.device) == "cpu")
         device = acc.device
     else:
         device = resolve_device(cfg.device)
-    model, tokenizer = load_for_training(cfg, str(device))
+    # Under Accelerate the model is loaded on the CPU and `prepare` places or shards it (FSDP, ZeRO-3).
+    model, tokenizer = load_for_training(cfg, "cpu" if acc is not None else str(device), precision_device=str(device))
     train, held = load_examples(cfg, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -456,7 +460,8 @@ def sft(cfg: SFTConfig, progress: Any = None) -> dict[str, Any]:
     fp = fingerprint(cfg, model)
     rank, world = 0, 1
     if acc is not None:
-        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        # The scheduler stays unprepared: Accelerate's wrapper would step it once per process.
+        model, optimizer = acc.prepare(model, optimizer)
         rank, world = acc.process_index, acc.num_processes
     precision = "no" if acc is not None else resolve_precision(cfg, str(device))
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -496,8 +501,9 @@ def sft(cfg: SFTConfig, progress: Any = None) -> dict[str, Any]:
         if not math.isfinite(total):
             raise ThinkforgeError(f"sft: loss is {total} at step {step}; last good checkpoint kept in {out_dir}")
         params = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = float(acc.clip_grad_norm_(params, cfg.grad_clip) if acc is not None
-                          else torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        norm = (acc.clip_grad_norm_(params, cfg.grad_clip) if acc is not None
+                else torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed clips inside its engine
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
