@@ -158,6 +158,10 @@ def run_batch(model: Any, tokenizer: Any, prompts: list[list[int]], B: int, ks: 
             "ratio_wall": round(best[0]["wall"] / best[k]["wall"], 3),
             "ratio_cpu": round(best[0]["cpu"] / best[k]["cpu"], 3),
             "seconds": best[k], "decode_forwards": forwards[k][0],
+            # Cost of one decode (plain) or verify + draft (k > 0) round, prefill time spread over them; the
+            # wall ratio is about mean_accepted_length * plain ms / this ms, so the ratio of the two is the
+            # mean accepted length at which speculation breaks even on this machine and model.
+            "ms_per_round": round(1000 * best[k]["wall"] / max(forwards[k][0], 1), 3),
             "identical": not mismatched, "mismatched_sequences": len(set(mismatched)),
             "first_divergence_token": min(divs) if divs else None,
         }
@@ -173,6 +177,8 @@ def run_batch(model: Any, tokenizer: Any, prompts: list[list[int]], B: int, ks: 
                 "row_rounds": m["row_rounds"], "verify_forwards": m["verify_forwards"],
                 "acceptance_every_repeat": [[round(a, 4) for a in mm["acceptance"]] for mm in metrics[k]],
             })
+        plain_ms = rows[0]["ms_per_round"] if rows else row["ms_per_round"]  # k = 0 comes first
+        row["break_even_accepted_length"] = round(row["ms_per_round"] / plain_ms, 3)
         rows.append(row)
     return rows
 
@@ -180,8 +186,8 @@ def run_batch(model: Any, tokenizer: Any, prompts: list[list[int]], B: int, ks: 
 def print_table(rows: list[dict[str, Any]], header: str) -> None:
     print(f"\n{header}")
     print(f"{'batch':>5} {'k':>2} {'seqs':>5} {'tokens':>7} {'len min/med/max':>16} {'tok/s':>8} {'ratio':>6} "
-          f"{'tok/cpu-s':>10} {'ratio':>6} {'fwds':>6} {'mean acc len':>12}  {'acceptance per position':<24} "
-          f"{'identical':>9}")
+          f"{'tok/cpu-s':>10} {'ratio':>6} {'fwds':>6} {'ms/round':>8} {'break-even':>10} {'mean acc len':>12}  "
+          f"{'acceptance per position':<24} {'identical':>9}")
     for r in rows:
         mm = "/".join(str(x) for x in r["output_len_min_median_max"])
         acc = " ".join(f"{a:.2f}" for a in r.get("acceptance", [])) or "-"
@@ -189,7 +195,8 @@ def print_table(rows: list[dict[str, Any]], header: str) -> None:
         ident = str(r["identical"]) if r["identical"] else f"NO ({r['mismatched_sequences']})"
         print(f"{r['batch']:>5} {r['k']:>2} {r['sequences']:>5} {r['completion_tokens']:>7} {mm:>16} "
               f"{r['tok_s']:>8} {r['ratio_wall']:>5}x {r['tok_per_cpu_s']:>10} {r['ratio_cpu']:>5}x "
-              f"{r['decode_forwards']:>6} {mal:>12}  {acc:<24} {ident:>9}")
+              f"{r['decode_forwards']:>6} {r['ms_per_round']:>8} {r['break_even_accepted_length']:>10} {mal:>12}  "
+              f"{acc:<24} {ident:>9}")
 
 
 def target_check(rows: list[dict[str, Any]], ratio: float, acceptance: float) -> dict[str, Any] | None:
@@ -269,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"threads={args.threads}, max_tokens={args.max_tokens}, {len(prompts)} held-out prompts, "
                       f"greedy, best of {args.repeats})")
     print("ratio = tokens/s (wall, then per CPU-second) over plain decoding at the same batch size; fwds = decode "
-          "(verify) forwards; acceptance[j] = share of rounds whose draft j+1 was accepted (and all before it)")
+          "(verify) forwards; break-even = ms/round over plain's = the mean accepted length k must reach to "
+          "tie plain decoding; acceptance[j] = share of rounds whose draft j+1 was accepted (and all before it)")
     target = target_check(rows, 1.7, 0.85)
     if target:
         print(f"target (batch 1: >= {target['want_ratio']}x, acceptance[0] >= {target['want_acceptance_first']}, "
