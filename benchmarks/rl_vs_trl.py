@@ -3,8 +3,10 @@
 Both start from the same SFT checkpoint and train on the same task and training problems with the same
 group size, prompts per step, mini-batch (updates per step), learning rate (constant after a linear
 warmup), AdamW betas, gradient clipping, max completion tokens, temperature 1.0, no KL, clip-higher
-(0.2 / 0.28; TRL's `epsilon` / `epsilon_high`), token-level loss (TRL `loss_type="dapo"`), group
-std-normalised advantages and truncated completions masked out of the loss. Rewards are identical: both
+(0.2 / 0.28; TRL's `epsilon` / `epsilon_high`), token-level loss averaged over the mini-batch's tokens
+(TRL `loss_type="bnpo"` with the whole mini-batch in one forward: exactly thinkforge's `loss_agg: token`;
+TRL's "dapo" divides by the generation batch's mean tokens per update instead), group std-normalised
+advantages and truncated completions masked out of the loss. Rewards are identical: both
 call the task's own scorer (`Task.score`; thinkforge through its `task` reward route).
 
 thinkforge keeps the rest of its recipe (`recipes/rl-speedrun.yaml`: dynamic sampling, easy-data pool,
@@ -29,6 +31,7 @@ import copy
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +84,7 @@ class Recorder:
         return {"time_to_target_s": self.reached["train_s"] if self.reached else None,
                 "steps_to_target": self.reached["step"] if self.reached else None,
                 "steps": steps, "train_s": train_s, "steps_per_s": steps / train_s if train_s else None,
+                "samples_per_s": samples / train_s if samples and train_s else None,
                 "final_accuracy": final, "best_accuracy": max((c["accuracy"] for c in self.curve), default=None),
                 "stop_reason": self.stop_reason, "setup_s": setup_s, "eval_s": self.eval_s,
                 "rollout_samples": samples, "curve": self.curve,
@@ -158,7 +162,9 @@ def run_thinkforge(args: argparse.Namespace, rec: Recorder, out: Path) -> dict[s
     t = time.perf_counter()
     rl_mod.evaluate_heldout = timed_eval  # rl() looks the name up at call time
     try:
-        rl_mod.rl(cfg, progress=_Clock(rec))
+        summary = rl_mod.rl(cfg, progress=_Clock(rec))
+        if summary.get("stopped"):  # max_degenerate_steps in a row without one group with a reward signal
+            rec.stop_reason = "no_signal"
     except _Stop:
         pass
     finally:
@@ -172,7 +178,7 @@ def run_thinkforge(args: argparse.Namespace, rec: Recorder, out: Path) -> dict[s
 def run_trl(args: argparse.Namespace, rec: Recorder, out: Path) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from thinkforge.model.io import load_model
@@ -180,6 +186,8 @@ def run_trl(args: argparse.Namespace, rec: Recorder, out: Path) -> dict[str, Any
     from thinkforge.tasks import get_task
     from thinkforge.train.rl import evaluate_heldout
 
+    # transformers 5.x deprecation notices that TRL 1.16 triggers on every step (gradient_checkpointing names)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     t_setup = time.perf_counter()
     task = get_task(args.task)
     problems = task.problems("train", n=args.train_problems, seed=args.seed)
@@ -198,7 +206,7 @@ def run_trl(args: argparse.Namespace, rec: Recorder, out: Path) -> dict[str, Any
     cfg = GRPOConfig(
         output_dir=str(out), per_device_train_batch_size=args.mini_batch_groups * G, gradient_accumulation_steps=1,
         steps_per_generation=upr, num_generations=G, max_completion_length=args.max_tokens, temperature=1.0,
-        top_p=1.0, top_k=0, beta=0.0, epsilon=0.2, epsilon_high=0.28, loss_type="dapo", scale_rewards="group",
+        top_p=1.0, top_k=0, beta=0.0, epsilon=0.2, epsilon_high=0.28, loss_type="bnpo", scale_rewards="group",
         mask_truncated_completions=True, num_iterations=1, learning_rate=args.lr,
         lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup * upr, max_steps=args.max_steps * upr,
         adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, logging_steps=upr, save_strategy="no", report_to=[],
@@ -229,6 +237,7 @@ def run_trl(args: argparse.Namespace, rec: Recorder, out: Path) -> dict[str, Any
                 control.should_training_stop = control.should_training_stop or stop
 
     trainer.add_callback(Hook())
+    trainer.remove_callback(PrinterCallback)  # its per-step log dicts would bury the table (log_history keeps them)
     setup_s = time.perf_counter() - t_setup
     trainer.train()
     steps = rec.step_s[-1][0] if rec.step_s else 0
@@ -239,8 +248,45 @@ def run_trl(args: argparse.Namespace, rec: Recorder, out: Path) -> dict[str, Any
             "config": cfg.to_dict() if hasattr(cfg, "to_dict") else None}
 
 
-def fmt_s(x: float | None) -> str:
-    return "not reached" if x is None else f"{x:.1f}"
+def compare(tf: dict[str, Any] | None, trl: dict[str, Any] | None) -> dict[str, Any]:
+    """Speedups of thinkforge over TRL: time to target (exact, or a bound when only one run reached it,
+    from the other's whole training time), training steps/s and rollout samples/s."""
+    out: dict[str, Any] = {"time_to_target": None, "time_to_target_bound": None, "steps_per_s": None,
+                           "samples_per_s": None}
+    if not (tf and trl):
+        return out
+    a, b = tf["time_to_target_s"], trl["time_to_target_s"]
+    if a is not None and b is not None:
+        out["time_to_target"] = b / a
+    elif a is not None and trl["train_s"]:  # TRL never got there in trl["train_s"]: at least this much
+        out["time_to_target_bound"] = f">= {trl['train_s'] / a:.2f}"
+    elif b is not None and tf["train_s"]:
+        out["time_to_target_bound"] = f"<= {b / tf['train_s']:.2f}"
+    for key in ("steps_per_s", "samples_per_s"):
+        if tf[key] and trl[key]:
+            out[key] = tf[key] / trl[key]
+    return out
+
+
+def print_table(results: dict[str, dict[str, Any]], speedup: dict[str, Any]) -> None:
+    print(f"{'run':<17} {'time to target s':>16} {'steps':>5} | {'steps done':>10} {'train s':>8} {'steps/s':>8} "
+          f"{'samples/s':>9} {'final acc':>9} {'best acc':>8} {'stopped':>11}")
+    for name, r in results.items():
+        ttt = "not reached" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f}"
+        print(f"{name:<17} {ttt:>16} {r['steps_to_target'] or '-':>5} | {r['steps']:>10} {r['train_s']:>8.1f} "
+              f"{r['steps_per_s'] or 0:>8.3f} {r['samples_per_s'] or 0:>9.1f} {r['final_accuracy'] or 0:>9.3f} "
+              f"{r['best_accuracy'] or 0:>8.3f} {r['stop_reason']:>11}")
+    if len(results) < 2:
+        return
+    if speedup["time_to_target"] is not None:
+        ratio = f"{speedup['time_to_target']:.2f}x"
+    elif speedup["time_to_target_bound"]:
+        ratio = f"{speedup['time_to_target_bound']}x (only one run reached the target)"
+    else:
+        ratio = "n/a (neither run reached the target)"
+    print(f"speedup, TRL time / thinkforge time to target: {ratio}  (issue: >= 2.3x)")
+    print(f"throughput ratios (thinkforge / TRL): steps/s {speedup['steps_per_s'] or 0:.2f}x, rollout samples/s "
+          f"{speedup['samples_per_s'] or 0:.2f}x (thinkforge's dynamic sampling draws extra groups per step)")
 
 
 def main() -> None:
@@ -310,31 +356,10 @@ def main() -> None:
         seed_everything(args.seed)
         results["TRL GRPOTrainer"] = run_trl(args, Recorder(args.task, target, max_s, not args.run_full), work / "trl")
 
-    tf, trl = results.get("thinkforge RL"), results.get("TRL GRPOTrainer")
-    speedup: dict[str, Any] = {"time_to_target": None, "time_to_target_bound": None, "steps_per_s": None}
-    if tf and trl:
-        if tf["time_to_target_s"] and trl["time_to_target_s"]:
-            speedup["time_to_target"] = trl["time_to_target_s"] / tf["time_to_target_s"]
-        elif tf["time_to_target_s"] and trl["time_to_target_s"] is None and trl["train_s"]:
-            # TRL never got there: its whole training time is a lower bound on its time to target
-            speedup["time_to_target_bound"] = f">= {trl['train_s'] / tf['time_to_target_s']:.2f}"
-        if tf["steps_per_s"] and trl["steps_per_s"]:
-            speedup["steps_per_s"] = tf["steps_per_s"] / trl["steps_per_s"]
-
+    speedup = compare(results.get("thinkforge RL"), results.get("TRL GRPOTrainer"))
     print(f"\ntarget: held-out {args.task} accuracy >= {target:.3f} (SFT {sft_acc:.3f}); "
           f"{args.batch_groups} prompts x {args.group_size} samples per step, eval every {args.eval_every} steps")
-    print(f"{'run':<17} {'time to target s':>17} {'steps':>6} {'steps done':>10} {'train s':>8} {'steps/s':>8} "
-          f"{'final acc':>9} {'best acc':>8} {'stopped':>11}")
-    for name, r in results.items():
-        print(f"{name:<17} {fmt_s(r['time_to_target_s']):>17} {r['steps_to_target'] or '-':>6} {r['steps']:>10} "
-              f"{r['train_s']:>8.1f} {(r['steps_per_s'] or 0):>8.3f} {r['final_accuracy'] or 0:>9.3f} "
-              f"{r['best_accuracy'] or 0:>8.3f} {r['stop_reason']:>11}")
-    if tf and trl:
-        ratio = (f"{speedup['time_to_target']:.2f}x" if speedup["time_to_target"] else
-                 f"{speedup['time_to_target_bound']}x (TRL did not reach it)" if speedup["time_to_target_bound"]
-                 else "n/a (thinkforge did not reach the target)" if not tf["time_to_target_s"] else "n/a")
-        print(f"time-to-target speedup (TRL / thinkforge): {ratio};  steps/s ratio: "
-              f"{speedup['steps_per_s'] or 0:.2f}x  (issue target: >= 2.3x)")
+    print_table(results, speedup)
     result = {"task": args.task, "sft_accuracy": sft_acc, "target": target, "results": results, "speedup": speedup,
               "work_dir": str(work), "torch_threads": torch.get_num_threads(),
               **run_metadata(vars(args), seed=args.seed)}

@@ -224,6 +224,43 @@ def test_pretrain_with_mtp_saves_and_resumes(tmp_path):
                            model.state_dict()["model.mtp_layers.0.input_proj.weight"])
 
 
+def test_sft_trains_mtp_layers_with_unpacked_rows(tmp_path):
+    """SFT of a model with MTP layers adds the MTP loss (MiMo), one conversation per row; mtp_weight=0 leaves
+    the layers exactly as they were; the MTP term's targets are the labels shifted one further."""
+    from thinkforge.train.pretrain import PretrainConfig, pretrain
+    from thinkforge.train.sft import SFTConfig, sft, token_losses
+
+    pre = pretrain(PretrainConfig(out_dir=str(tmp_path / "pre"), model_size="micro", batch_size=4, seq_len=48,
+                                  docs_per_stage=120, eval_docs=8, warmup_steps=1, steps=2, eval_every=2,
+                                  save_every=2, mtp_layers=1))
+    base, _ = load_model(pre["model_dir"], device="cpu", dtype="float32")
+    key = "model.mtp_layers.0.input_proj.weight"
+    common = dict(model=pre["model_dir"], steps=2, batch_size=4, examples_per_task=16, eval_every=2,
+                  eval_examples=4, save_every=2, warmup_steps=1, tensorboard=False)
+    on = sft(SFTConfig(out_dir=str(tmp_path / "on"), **common))
+    off = sft(SFTConfig(out_dir=str(tmp_path / "off"), mtp_weight=0.0, **common))
+    assert (on["mtp_weight"], on["packing"]) == (0.1, False) and (off["mtp_weight"], off["packing"]) == (0.0, True)
+    m_on, _ = load_model(on["model_dir"], device="cpu", dtype="float32")
+    m_off, _ = load_model(off["model_dir"], device="cpu", dtype="float32")
+    assert M.num_mtp_layers(m_on) == M.num_mtp_layers(m_off) == 1
+    assert not torch.equal(m_on.state_dict()[key], base.state_dict()[key])
+    assert torch.equal(m_off.state_dict()[key], base.state_dict()[key])
+
+    # token_losses with MTP = main CE + w * CE of the MTP head against the next-next token.
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    labels = torch.tensor([[-100, -100, 7, 8, 9, 10]])
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        logits, (mtp0,) = M.mtp_forward(base, ids)
+        main = token_losses(base, batch)
+        both = token_losses(base, batch, mtp_weight=0.5)
+        ce = torch.nn.functional.cross_entropy
+        assert main[0, 1] == pytest.approx(float(ce(logits[0, 1], labels[0, 2])), abs=1e-5)
+        expect = main[0, 1] + 0.5 * ce(mtp0[0, 1], labels[0, 3])  # position 1: main predicts 7, MTP 8
+        assert both[0, 1] == pytest.approx(float(expect), abs=1e-5)
+        assert both[0, 4] == pytest.approx(float(main[0, 4]), abs=1e-6)  # MTP has no target past the end
+
+
 def test_mtp_extend_cli(tok, tmp_path):
     src = tmp_path / "src"
     save_model(tiny(tok, 1), tok, src)

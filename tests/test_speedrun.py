@@ -2,24 +2,40 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 
 def test_smoke_speedrun_end_to_end(tmp_path):
-    """The CI smoke preset: tokenizer -> staged pretrain -> eval -> SFT -> eval -> report, via the real CLI."""
+    """The CI smoke preset: tokenizer -> staged pretrain (+1 MTP layer) -> SFT -> RL, each evaluated, then the
+    report, via the real CLI."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "thinkforge.cli", "speedrun", "--preset", "smoke", "--out", str(out)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert list(report["stages"]) == ["pretrain", "sft"]
-    for stage in report["stages"].values():
+    assert list(report["stages"]) == ["pretrain", "sft", "rl"]
+    for name, stage in report["stages"].items():
         assert set(stage["accuracy"]) == {"arith", "code"}
         assert all(0.0 <= acc <= 1.0 for acc in stage["accuracy"].values())
-        assert stage["train_wall_s"] > 0 and stage["tokens"] > 0
+        # An untrained smoke model rarely earns a reward, so RL may find no valid group to train on.
+        assert stage["train_wall_s"] > 0 and (stage["tokens"] > 0 or name == "rl")
+        mtp = stage["mtp"]  # the MTP layer from pretraining rides through SFT and RL
+        assert len(mtp["acceptance"]) == 1 and 0.0 <= mtp["acceptance"][0] <= 1.0
+        assert mtp["mean_accepted_length"] == pytest.approx(1 + mtp["acceptance"][0], abs=1e-3)
     assert report["model"]["params"] > 10_000
     assert report["seed"] == 0 and len(report["config_hash"]) == 16 and "torch" in report["versions"]
     md = (out / "report.md").read_text()
-    assert "| pretrain |" in md and "| sft |" in md and "Estimated cost" in md
+    assert "| pretrain |" in md and "| sft |" in md and "| rl |" in md and "Estimated cost" in md
+    assert "draft 1 accepted" in md
     assert (out / "loss.png").stat().st_size > 1000 and (out / "accuracy.png").stat().st_size > 1000
+    # RL keeps the MTP layers frozen (MiMo); SFT trained them.
+    from safetensors.torch import load_file
+
+    def mtp_weight(stage):
+        return load_file(str(out / stage / "model" / "model.safetensors"))["model.mtp_layers.0.input_proj.weight"]
+
+    assert torch.equal(mtp_weight("rl"), mtp_weight("sft")) and not torch.equal(mtp_weight("sft"), mtp_weight("pretrain"))
     for name in ("pretrain", "sft"):
         samples = (out / "eval" / name / "arith" / "samples.jsonl").read_text().splitlines()
         assert len(samples) == 20

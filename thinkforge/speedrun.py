@@ -40,6 +40,7 @@ class EvalSpec:
     problems_per_task: int = 200
     max_tokens: int = 160
     backend: str = "native"
+    mtp_prompts_per_task: int = 32  # held-out prompts decoded speculatively to measure MTP acceptance
 
 
 @dataclass
@@ -116,6 +117,25 @@ def evaluate_stage(model_dir: str, spec: EvalSpec, out_dir: Path, seed: int, dev
         backend.close()
 
 
+def measure_mtp(model_dir: str, spec: EvalSpec, device: str) -> dict[str, Any] | None:
+    """Per-draft-position acceptance of the checkpoint's MTP layers under greedy self-speculative
+    decoding of held-out chat prompts (None when the model has no MTP layers)."""
+    from thinkforge.engine.backends import apply_chat_template
+    from thinkforge.engine.speculative import mtp_acceptance
+    from thinkforge.model.io import load_tokenizer
+    from thinkforge.model.mtp import checkpoint_mtp_layers
+    from thinkforge.tasks import get_task
+
+    if not checkpoint_mtp_layers(model_dir) or spec.mtp_prompts_per_task < 1:
+        return None
+    tokenizer = load_tokenizer(model_dir)
+    prompts = [apply_chat_template(tokenizer, get_task(name).messages(p)) for name in spec.tasks
+               for p in get_task(name).problems("heldout", n=spec.mtp_prompts_per_task, seed=0)]
+    m = mtp_acceptance(model_dir, prompts, max_tokens=spec.max_tokens, device=device, dtype="float32")
+    return {"acceptance": [round(a, 4) for a in m["acceptance"]],
+            "mean_accepted_length": round(m["mean_accepted_length"], 3), "prompts": len(prompts)}
+
+
 def run_speedrun(cfg: SpeedrunConfig, progress: Any = None) -> dict[str, Any]:
     out = ensure_writable_dir(cfg.out_dir)
     spec = build_config(EvalSpec, cfg.eval, "speedrun eval")
@@ -144,6 +164,7 @@ def run_speedrun(cfg: SpeedrunConfig, progress: Any = None) -> dict[str, Any]:
     for name, stage in stages.items():
         t0 = time.time()
         stage["accuracy"] = evaluate_stage(stage["summary"]["model_dir"], spec, out / "eval" / name, cfg.seed, cfg.device)
+        stage["mtp"] = measure_mtp(stage["summary"]["model_dir"], spec, cfg.device)
         stage["eval_wall_s"] = time.time() - t0
 
     report = build_report(cfg, stages, time.time() - t_start)
@@ -159,7 +180,8 @@ def build_report(cfg: SpeedrunConfig, stages: dict[str, Any], wall_s: float) -> 
     stage_rows = {
         name: {"accuracy": s["accuracy"], "train_wall_s": round(s["summary"]["wall_s"], 1),
                "eval_wall_s": round(s["eval_wall_s"], 1), "tokens": s["summary"]["tokens"],
-               "steps": s["summary"]["steps"], "heldout_loss": s["summary"].get("heldout_loss")}
+               "steps": s["summary"]["steps"], "heldout_loss": s["summary"].get("heldout_loss"),
+               **({"mtp": s["mtp"]} if s.get("mtp") else {})}
         for name, s in stages.items()
     }
     train_wall = sum(s["summary"]["wall_s"] for s in stages.values())
@@ -185,6 +207,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     for name, s in report["stages"].items():
         accs = " | ".join(f"{100 * s['accuracy'].get(t, float('nan')):.1f}%" for t in tasks)
         lines.append(f"| {name} | {accs} | {s['train_wall_s']} | {s['eval_wall_s']} | {s['tokens']:,} |")
+    mtp_rows = [(name, s["mtp"]) for name, s in report["stages"].items() if s.get("mtp")]
+    if mtp_rows:
+        k = max(len(m["acceptance"]) for _, m in mtp_rows)
+        lines += ["", "MTP self-speculative decoding (greedy, held-out prompts): share of drafts accepted per "
+                  "draft position, and tokens emitted per verify step.", "",
+                  "| stage | " + " | ".join(f"draft {j + 1} accepted" for j in range(k)) + " | mean accepted length |",
+                  "|---|" + "---|" * (k + 1)]
+        for name, m in mtp_rows:
+            accs = " | ".join(f"{100 * a:.1f}%" for a in m["acceptance"])
+            lines.append(f"| {name} | {accs} | {m['mean_accepted_length']} |")
     lines += ["", f"Total wall time: {report['total_wall_s']} s (training {report['train_wall_s']} s).",
               f"Estimated cost: ${report['estimated_cost_usd']} ({report['cost_assumption']}).", "",
               "![loss curves](loss.png)", "", "![accuracy by stage](accuracy.png)", "",
@@ -198,11 +230,18 @@ def write_plots(out: Path, stages: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    offset = 0
-    for name in stages:
+    def rows_of(name: str) -> list[dict[str, Any]]:
         path = out / name / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    # Left: language-model losses (pretrain, SFT). Right: RL's mean reward per rollout batch (its
+    # policy-gradient loss is not a quantity to watch).
+    lm = [name for name in stages if name != "rl"]
+    fig, axes = plt.subplots(1, 2 if "rl" in stages else 1, figsize=(12 if "rl" in stages else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    offset = 0
+    for name in lm:
+        rows = [r for r in rows_of(name) if "loss" in r]
         if rows:
             ax.plot([offset + r["step"] for r in rows], [r["loss"] for r in rows], label=f"{name} train", lw=1)
             held = [(offset + r["step"], r["heldout_loss"]) for r in rows if "heldout_loss" in r]
@@ -213,6 +252,14 @@ def write_plots(out: Path, stages: dict[str, Any]) -> None:
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.legend()
+    if "rl" in stages:
+        ax = axes[0][1]
+        rows = [r for r in rows_of("rl") if "reward" in r]
+        for key in sorted({k for r in rows for k in r if k.startswith("reward/")}):
+            ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], label=key[7:], lw=1)
+        ax.set_xlabel("RL step")
+        ax.set_ylabel("mean reward of the rollout batch")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=100)
     plt.close(fig)

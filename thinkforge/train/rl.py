@@ -104,6 +104,7 @@ class RLConfig:
     dtype: str = "float32"  # trainer weights
     engine_dtype: str = "auto"  # rollout weights (bf16 on GPUs)
     system_prompt: str | None = None
+    train_mtp: bool = False  # MiMo keeps MTP layers frozen during RL (they still draft for speculative rollouts)
 
     def check(self) -> None:
         if not self.model:
@@ -302,6 +303,10 @@ def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
     for name in cfg.tasks:
         router.route(name)  # unknown reward names fail here, before any compute
     model, tokenizer = load_model(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
+    if not cfg.train_mtp:
+        from thinkforge.model.mtp import freeze_mtp
+
+        freeze_mtp(model)  # before the optimizer is built, so it never holds them
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)

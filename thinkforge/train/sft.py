@@ -89,6 +89,7 @@ class SFTConfig:
     qlora: bool = False  # 4-bit NF4 base + LoRA (needs CUDA and bitsandbytes)
     tensorboard: bool = True
     system_prompt: str | None = None
+    mtp_weight: float = 0.1  # a model with MTP layers trains them too (MiMo's late-stage weight); 0 = main loss only
 
 
 # ---------------------------------------------------------------- data
@@ -169,15 +170,31 @@ def make_batch(examples: list[Example], pad_id: int, packing: bool, pack_len: in
     return batch
 
 
-def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-position cross-entropy [B, T-1] (0 where the target is IGNORE)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                position_ids=batch.get("position_ids"), use_cache=False)
-    logits = out.logits[:, :-1]
-    targets = batch["labels"][:, 1:]
+def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
                                            reduction="none")
     return ce.view(targets.shape)
+
+
+def token_losses(model: Any, batch: dict[str, torch.Tensor], mtp_weight: float = 0.0) -> torch.Tensor:
+    """Per-position cross-entropy [B, T-1] (0 where the target is IGNORE). With `mtp_weight` > 0 each
+    position also carries `mtp_weight` x the mean loss of the model's MTP layers (layer i at t predicts
+    the token i + 1 further on), so the MTP layers follow the main model through SFT."""
+    targets = batch["labels"][:, 1:]
+    if mtp_weight <= 0:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    position_ids=batch.get("position_ids"), use_cache=False)
+        return _ce(out.logits[:, :-1], targets)
+    from thinkforge.model.mtp import mtp_forward
+
+    logits, mtp_logits = mtp_forward(model, batch["input_ids"], batch.get("attention_mask"))
+    main = _ce(logits[:, :-1], targets)
+    extra = torch.zeros_like(main)
+    for i, lg in enumerate(mtp_logits):
+        shifted = torch.full_like(targets, IGNORE)
+        shifted[:, : targets.shape[1] - i - 1] = targets[:, i + 1:]
+        extra = extra + _ce(lg[:, :-1], shifted)
+    return main + mtp_weight * extra / max(1, len(mtp_logits))
 
 
 def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -453,6 +470,13 @@ def sft(cfg: SFTConfig, progress: Any = None) -> dict[str, Any]:
     # Under Accelerate the model is loaded on the CPU and `prepare` places or shards it (FSDP, ZeRO-3).
     model, tokenizer = load_for_training(cfg, "cpu" if acc is not None else str(device), precision_device=str(device))
     train, held = load_examples(cfg, tokenizer)
+    from thinkforge.model.mtp import num_mtp_layers
+
+    # MTP layers train alongside in single-process full fine-tuning (the DDP/FSDP wrappers and PEFT hide
+    # the `model.model.mtp_layers` attribute the MTP forward needs; there they are carried unchanged).
+    mtp_weight = cfg.mtp_weight if num_mtp_layers(model) and acc is None and cfg.lora_r == 0 else 0.0
+    # MTP layers attend causally over the whole row, so they need one conversation per row (no packing).
+    packing = cfg.packing and not mtp_weight
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -487,10 +511,10 @@ def sft(cfg: SFTConfig, progress: Any = None) -> dict[str, Any]:
             mine = micro[rank::world]
             if not mine:
                 continue
-            batch = {k: v.to(device) for k, v in make_batch([train[i] for i in mine], pad_id, cfg.packing,
+            batch = {k: v.to(device) for k, v in make_batch([train[i] for i in mine], pad_id, packing,
                                                             cfg.pack_len).items()}
             with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss_sum = token_losses(model, batch).sum()
+                loss_sum = token_losses(model, batch, mtp_weight).sum()
             scaled = loss_sum * (world / n_target)
             acc.backward(scaled) if acc is not None else scaled.backward()
             total += loss_sum.item() / n_target
@@ -514,7 +538,7 @@ def sft(cfg: SFTConfig, progress: Any = None) -> dict[str, Any]:
         row = {"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
                "tokens_per_s": round(real_tokens / dt, 1) if dt > 0 else None}
         if held and (state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps):
-            row["heldout_loss"] = eval_loss(model, held, pad_id, cfg.batch_size, device, cfg.packing)
+            row["heldout_loss"] = eval_loss(model, held, pad_id, cfg.batch_size, device, packing)
         if log is not None:
             log.log(state["step"], **row)
         if task is not None:
@@ -524,14 +548,14 @@ def sft(cfg: SFTConfig, progress: Any = None) -> dict[str, Any]:
             save_sft_checkpoint(out_dir, model, optimizer, scheduler, state, fp, acc)
     if log is not None:
         log.close()
-    heldout = eval_loss(model, held, pad_id, cfg.batch_size, device, cfg.packing) if held else None
+    heldout = eval_loss(model, held, pad_id, cfg.batch_size, device, packing) if held else None
     wall = time.time() - t0
     path = save_final(cfg, out_dir, model, tokenizer, acc)
     summary = {
         "stage": "sft", "model_dir": str(path), "steps": cfg.steps, "tokens": state["tokens"],
         "target_tokens": state["target_tokens"], "train_examples": len(train), "heldout_loss": heldout,
         "wall_s": wall, "tokens_per_s": round(state["tokens"] / wall, 1) if wall > 0 else None,
-        "precision": precision, "packing": cfg.packing, "world_size": world,
+        "precision": precision, "packing": packing, "mtp_weight": mtp_weight, "world_size": world,
         **run_metadata(asdict(cfg), cfg.seed),
     }
     if is_main:
