@@ -60,6 +60,11 @@ class Recorder:
     def train_s(self) -> float:
         return time.perf_counter() - (self.t0 or time.perf_counter()) - self.eval_s
 
+    def mark_step(self, step: int) -> None:
+        """Records that rollout step `step` finished now (once; later marks of the same step are ignored)."""
+        if not self.step_s or self.step_s[-1][0] < step:
+            self.step_s.append((step, self.train_s()))
+
     def evaluate(self, fn: Any, step: int) -> tuple[dict[str, float], bool]:
         """Runs `fn()` (an evaluation) off the clock; records the point; says whether the run should stop."""
         at = self.train_s()
@@ -105,7 +110,7 @@ class _Clock:
 
     def update(self, *_: Any, advance: int = 1, **__: Any) -> None:
         self.step += advance
-        self.rec.step_s.append((self.step, self.rec.train_s()))
+        self.rec.mark_step(self.step)
 
 
 def eval_config(args: argparse.Namespace, out_dir: Path) -> Any:
@@ -154,6 +159,7 @@ def run_thinkforge(args: argparse.Namespace, rec: Recorder, out: Path) -> dict[s
     original = rl_mod.evaluate_heldout
 
     def timed_eval(engine: Any, ecfg: Any, out_dir: Path, step: int) -> dict[str, float]:
+        rec.mark_step(step)  # rl() evaluates before its progress update: the step's training is done
         acc, stop = rec.evaluate(lambda: original(engine, ecfg, out_dir, step), step)
         if stop:
             raise _Stop
@@ -170,8 +176,9 @@ def run_thinkforge(args: argparse.Namespace, rec: Recorder, out: Path) -> dict[s
     finally:
         rl_mod.evaluate_heldout = original
     setup_s = (rec.t0 or t) - t
-    rows = read_jsonl(out / "metrics.jsonl", tolerate_partial_last_line=True)
-    samples = sum(int(r.get("groups_started", 0)) for r in rows) * args.group_size
+    # Scored groups per step (written before the step's evaluation, so a run stopped there is complete).
+    rows = read_jsonl(out / "rollouts.jsonl", tolerate_partial_last_line=True)
+    samples = sum(len(r["groups"]) for r in rows) * args.group_size
     return {**rec.result(setup_s, samples or None), "config": {k: v for k, v in overrides.items() if k != "model"}}
 
 
@@ -231,7 +238,7 @@ def run_trl(args: argparse.Namespace, rec: Recorder, out: Path) -> dict[str, Any
             if state.global_step % upr:
                 return
             step = state.global_step // upr
-            rec.step_s.append((step, rec.train_s()))
+            rec.mark_step(step)
             if step % args.eval_every == 0 or step >= args.max_steps:
                 _, stop = rec.evaluate(lambda: live_eval(step), step)
                 control.should_training_stop = control.should_training_stop or stop
@@ -246,6 +253,15 @@ def run_trl(args: argparse.Namespace, rec: Recorder, out: Path) -> dict[str, Any
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     return {**rec.result(setup_s, steps * args.batch_groups * G), "train_rewards": rewards,
             "config": cfg.to_dict() if hasattr(cfg, "to_dict") else None}
+
+
+def _version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def compare(tf: dict[str, Any] | None, trl: dict[str, Any] | None) -> dict[str, Any]:
@@ -362,6 +378,7 @@ def main() -> None:
     print_table(results, speedup)
     result = {"task": args.task, "sft_accuracy": sft_acc, "target": target, "results": results, "speedup": speedup,
               "work_dir": str(work), "torch_threads": torch.get_num_threads(),
+              "other_versions": {name: _version(name) for name in ("trl", "accelerate", "datasets")},
               **run_metadata(vars(args), seed=args.seed)}
     atomic_write_json(args.out, result)
     print(f"-> {args.out}")
