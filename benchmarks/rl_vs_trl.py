@@ -153,6 +153,7 @@ def run_thinkforge(args: argparse.Namespace, rec: Recorder, out: Path) -> dict[s
         "eval_every": args.eval_every, "eval_at_start": False, "eval_problems": args.eval_problems,
         "eval_max_tokens": eval_config(args, out).eval_max_tokens, "save_every": 10**9, "seed": args.seed,
         "device": args.device, "dtype": args.dtype, "engine_dtype": args.dtype,
+        "engine_max_batch": args.engine_max_batch,  # its rollout engine also runs its evaluations
         **parse_overrides(args.tf_set),
     }
     cfg = load_config(RLConfig, args.recipe, "rl", overrides)
@@ -324,7 +325,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--warmup", type=int, default=2, help="warmup in rollout steps")
     ap.add_argument("--max-tokens", type=int, default=160)
-    ap.add_argument("--engine-max-batch", type=int, default=128, help="rows of the evaluation engine")
+    ap.add_argument("--engine-max-batch", type=int, default=128, help="engine rows: thinkforge's rollouts and every evaluation")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
