@@ -19,12 +19,13 @@ def test_smoke_speedrun_end_to_end(tmp_path):
         assert set(stage["accuracy"]) == {"arith", "code"}
         assert all(0.0 <= acc <= 1.0 for acc in stage["accuracy"].values())
         # An untrained smoke model rarely earns a reward, so RL may find no valid group to train on.
-        assert stage["train_wall_s"] > 0 and (stage["tokens"] > 0 or name == "rl")
+        assert stage["train_wall_s"] > 0 and stage["train_cpu_s"] > 0 and (stage["tokens"] > 0 or name == "rl")
         mtp = stage["mtp"]  # the MTP layer from pretraining rides through SFT and RL
         assert len(mtp["acceptance"]) == 1 and 0.0 <= mtp["acceptance"][0] <= 1.0
         assert mtp["mean_accepted_length"] == pytest.approx(1 + mtp["acceptance"][0], abs=1e-3)
     assert report["model"]["params"] > 10_000
     assert report["seed"] == 0 and len(report["config_hash"]) == 16 and "torch" in report["versions"]
+    assert report["total_cpu_s"] > 0 and 0.0 <= report["steal_ratio"] <= 1.0
     md = (out / "report.md").read_text()
     assert "| pretrain |" in md and "| sft |" in md and "| rl |" in md and "Estimated cost" in md
     assert "draft 1 accepted" in md

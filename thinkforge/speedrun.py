@@ -87,6 +87,24 @@ def load_speedrun_config(preset: str, overrides: dict[str, Any]) -> SpeedrunConf
     return cfg
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (reward workers, sandboxes): unlike wall time,
+    it does not grow when a shared or virtual machine takes the cores away."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def steal_seconds() -> float:
+    """Machine-wide time the hypervisor ran someone else on our cores (Linux /proc/stat; 0 elsewhere)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _cached(stage_dir: Path, digest: str) -> dict[str, Any] | None:
     path = stage_dir / "summary.json"
     if path.exists():
@@ -139,7 +157,7 @@ def measure_mtp(model_dir: str, spec: EvalSpec, device: str) -> dict[str, Any] |
 def run_speedrun(cfg: SpeedrunConfig, progress: Any = None) -> dict[str, Any]:
     out = ensure_writable_dir(cfg.out_dir)
     spec = build_config(EvalSpec, cfg.eval, "speedrun eval")
-    t_start = time.time()
+    t_start, steal_start = time.time(), steal_seconds()
     stages: dict[str, Any] = {}
     lineage: dict[str, Any] = {}  # configs of this stage and all before it: a change upstream reruns downstream
     model_dir: str | None = None
@@ -155,31 +173,34 @@ def run_speedrun(cfg: SpeedrunConfig, progress: Any = None) -> dict[str, Any]:
         digest = config_hash(lineage)
         summary = _cached(out / stage.name, digest)
         if summary is None:
+            c0 = cpu_seconds()
             summary = stage.run(stage_cfg, progress)
+            summary["cpu_s"] = cpu_seconds() - c0
             summary["speedrun_hash"] = digest
             atomic_write_json(out / stage.name / "summary.json", summary)
         stages[stage.name] = {"summary": summary}
         model_dir = summary["model_dir"]
 
     for name, stage in stages.items():
-        t0 = time.time()
+        t0, c0 = time.time(), cpu_seconds()
         stage["accuracy"] = evaluate_stage(stage["summary"]["model_dir"], spec, out / "eval" / name, cfg.seed, cfg.device)
         stage["mtp"] = measure_mtp(stage["summary"]["model_dir"], spec, cfg.device)
-        stage["eval_wall_s"] = time.time() - t0
+        stage["eval_wall_s"], stage["eval_cpu_s"] = time.time() - t0, cpu_seconds() - c0
 
-    report = build_report(cfg, stages, time.time() - t_start)
+    report = build_report(cfg, stages, time.time() - t_start, steal_seconds() - steal_start)
     atomic_write_json(out / "report.json", report)
     write_plots(out, stages)
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
 
 
-def build_report(cfg: SpeedrunConfig, stages: dict[str, Any], wall_s: float) -> dict[str, Any]:
+def build_report(cfg: SpeedrunConfig, stages: dict[str, Any], wall_s: float, steal_s: float = 0.0) -> dict[str, Any]:
     pre = stages["pretrain"]["summary"]
     cores = os.cpu_count() or 1
     stage_rows = {
         name: {"accuracy": s["accuracy"], "train_wall_s": round(s["summary"]["wall_s"], 1),
-               "eval_wall_s": round(s["eval_wall_s"], 1), "tokens": s["summary"]["tokens"],
+               "eval_wall_s": round(s["eval_wall_s"], 1), "train_cpu_s": round(s["summary"].get("cpu_s", 0.0), 1),
+               "eval_cpu_s": round(s["eval_cpu_s"], 1), "tokens": s["summary"]["tokens"],
                "steps": s["summary"]["steps"], "heldout_loss": s["summary"].get("heldout_loss"),
                **({"mtp": s["mtp"]} if s.get("mtp") else {})}
         for name, s in stages.items()
@@ -191,7 +212,12 @@ def build_report(cfg: SpeedrunConfig, stages: dict[str, Any], wall_s: float) -> 
         "tokens_seen": sum(s["summary"]["tokens"] for s in stages.values()),
         "train_wall_s": round(train_wall, 1),
         "total_wall_s": round(wall_s, 1),
+        "total_cpu_s": round(sum(r["train_cpu_s"] + r["eval_cpu_s"] for r in stage_rows.values()), 1),
+        # Share of the machine's core-time the hypervisor gave to others during the run: when it is
+        # large, the wall times above measure the neighbours, and the CPU times are the ones to trust.
+        "steal_ratio": round(steal_s / max(wall_s * cores, 1e-9), 3),
         "estimated_cost_usd": round(train_wall / 3600 * cores * CPU_PRICE_PER_CORE_HOUR, 4),
+        "cores": cores,
         "cost_assumption": f"{cores} CPU cores at ${CPU_PRICE_PER_CORE_HOUR}/core-hour, training wall time",
         **run_metadata(asdict(cfg), cfg.seed),
     }
@@ -202,11 +228,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# thinkforge speedrun report", "",
              f"Model: {report['model']['architecture']}, {report['model']['params'] / 1e6:.2f}M parameters. "
              f"Tokens seen: {report['tokens_seen']:,}. Seed {report['seed']}, config hash `{report['config_hash']}`.", "",
-             "| stage | " + " | ".join(f"{t} held-out acc" for t in tasks) + " | train wall (s) | eval wall (s) | tokens |",
-             "|---|" + "---|" * (len(tasks) + 3)]
+             "| stage | " + " | ".join(f"{t} held-out acc" for t in tasks) + " | train wall (s) | train CPU (s) | eval wall (s) | tokens |",
+             "|---|" + "---|" * (len(tasks) + 4)]
     for name, s in report["stages"].items():
         accs = " | ".join(f"{100 * s['accuracy'].get(t, float('nan')):.1f}%" for t in tasks)
-        lines.append(f"| {name} | {accs} | {s['train_wall_s']} | {s['eval_wall_s']} | {s['tokens']:,} |")
+        lines.append(f"| {name} | {accs} | {s['train_wall_s']} | {s['train_cpu_s']} | {s['eval_wall_s']} | "
+                     f"{s['tokens']:,} |")
     mtp_rows = [(name, s["mtp"]) for name, s in report["stages"].items() if s.get("mtp")]
     if mtp_rows:
         k = max(len(m["acceptance"]) for _, m in mtp_rows)
@@ -217,7 +244,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         for name, m in mtp_rows:
             accs = " | ".join(f"{100 * a:.1f}%" for a in m["acceptance"])
             lines.append(f"| {name} | {accs} | {m['mean_accepted_length']} |")
-    lines += ["", f"Total wall time: {report['total_wall_s']} s (training {report['train_wall_s']} s).",
+    lines += ["", f"Total wall time: {report['total_wall_s']} s (training {report['train_wall_s']} s); CPU time "
+              f"{report['total_cpu_s']} s over {report['cores']} cores; CPU steal by the hypervisor "
+              f"{100 * report['steal_ratio']:.0f}% of core-time.",
               f"Estimated cost: ${report['estimated_cost_usd']} ({report['cost_assumption']}).", "",
               "![loss curves](loss.png)", "", "![accuracy by stage](accuracy.png)", "",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]

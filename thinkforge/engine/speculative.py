@@ -135,12 +135,13 @@ class MTPSpeculator:
 
     def metrics(self) -> dict[str, Any]:
         """acceptance[j] = share of verified rounds whose draft j + 1 was accepted (all before it too);
-        mean_accepted_length = tokens emitted per row-round (accepted drafts + the main model's token)."""
+        mean_accepted_length = 1 + accepted drafts per row-round (what a round could emit); `tokens` = tokens
+        actually emitted (a stop or the length limit cuts a round short)."""
         acc = [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed, strict=True)]
         wall = time.perf_counter() - self.t0
         return {"num_draft": self.k, "acceptance": acc, "row_rounds": self.rounds,
                 "mean_accepted_drafts": sum(self.accepted) / self.rounds if self.rounds else 0.0,
-                "mean_accepted_length": self.emitted / self.rounds if self.rounds else 0.0,
+                "mean_accepted_length": 1 + sum(self.accepted) / self.rounds if self.rounds else 0.0,
                 "verify_forwards": self.forwards, "tokens": self.emitted,
                 "tokens_per_s": self.emitted / wall if wall > 0 else 0.0}
 
@@ -309,7 +310,6 @@ class MTPSpeculator:
             self.proposed[j] += B
             self.accepted[j] += sum(1 for a in accepted if a > j)
         self.rounds += B
-        self.emitted += sum(len(e) for e in emitted)
         # The verified inputs of row r are columns c .. c + a (a accepted drafts); the bonus token is next.
         old_index = {id(s): i for i, s in enumerate(rows)}
         for s, a in zip(rows, accepted, strict=True):
@@ -397,6 +397,7 @@ class MTPSpeculator:
                 s.logprobs.append(lp)
                 s.last = tok
                 eng.stats["generated_tokens"] += 1
+                self.emitted += 1  # tokens past a stop or the length limit are dropped, never counted
                 if req.on_token is not None:
                     req.on_token(req.request_id, s.index, tok, lp)
                 reason = None
