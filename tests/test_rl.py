@@ -110,6 +110,19 @@ def test_all_degenerate_stops_with_a_warning(micro, tmp_path):
     assert summary["steps"] == 2 and "too easy or too hard" in summary["stopped"]
 
 
+def test_same_seed_same_run_with_synchronous_rewards(micro, tmp_path):
+    """With rewards scored inline, which groups start, finish and train is a function of the seed alone (no
+    reward timing), so two fresh runs match row for row: the speedrun's same-seed-same-numbers promise."""
+    runs = []
+    for name in ("a", "b"):
+        rl(_cfg(micro, tmp_path / name, steps=3, batch_groups=3, mini_batch_groups=1, async_reward=False,
+                save_every=100))
+        keep = ("loss", "reward", "groups_started", "tokens_generated", "grad_norm")
+        runs.append([{k: r.get(k) for k in keep} for r in read_jsonl(tmp_path / name / "metrics.jsonl")])
+        runs[-1].append(read_jsonl(tmp_path / name / "rollouts.jsonl"))
+    assert runs[0] == runs[1] and len(runs[0][-1]) == 3
+
+
 def _last_per_step(path: Path) -> dict[int, list]:
     out = {}
     for row in read_jsonl(path, tolerate_partial_last_line=True):
