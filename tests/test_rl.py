@@ -110,13 +110,14 @@ def test_all_degenerate_stops_with_a_warning(micro, tmp_path):
     assert summary["steps"] == 2 and "too easy or too hard" in summary["stopped"]
 
 
-def test_same_seed_same_run_with_synchronous_rewards(micro, tmp_path):
-    """With rewards scored inline, which groups start, finish and train is a function of the seed alone (no
-    reward timing), so two fresh runs match row for row: the speedrun's same-seed-same-numbers promise."""
+@pytest.mark.parametrize("timing", [{"async_reward": False}, {"reward_lag": 3}], ids=["inline", "lagged"])
+def test_same_seed_same_run_without_reward_timing(micro, tmp_path, timing):
+    """Rewards scored inline, or read a fixed number of engine steps after each sample finished: which
+    groups start, finish and train is then a function of the seed alone, so two fresh runs match row for
+    row (the speedrun's same-seed-same-numbers promise)."""
     runs = []
     for name in ("a", "b"):
-        rl(_cfg(micro, tmp_path / name, steps=3, batch_groups=3, mini_batch_groups=1, async_reward=False,
-                save_every=100))
+        rl(_cfg(micro, tmp_path / name, steps=3, batch_groups=3, mini_batch_groups=1, save_every=100, **timing))
         keep = ("loss", "reward", "groups_started", "tokens_generated", "grad_norm")
         runs.append([{k: r.get(k) for k in keep} for r in read_jsonl(tmp_path / name / "metrics.jsonl")])
         runs[-1].append(read_jsonl(tmp_path / name / "rollouts.jsonl"))

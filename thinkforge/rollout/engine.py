@@ -45,6 +45,10 @@ class RolloutConfig:
     min_valid_ratio: float = 0.1  # floor of the valid-ratio estimate used to size admissions
     filter_degenerate: bool = True  # dynamic sampling; False keeps every group (degenerate ones add no gradient)
     system_prompt: str | None = None
+    # Async rewards are read as soon as they are in (0), or exactly `reward_lag` engine steps after the
+    # sample finished (waiting if need be). A fixed lag makes admissions and the batch a function of the
+    # seed alone, so reruns match, while scoring still overlaps that many generation steps.
+    reward_lag: int = 0
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Group:
     request_id: str
     samples: list[Sample | None]
     futures: dict[int, Future] = field(default_factory=dict)
+    due: dict[int, int] = field(default_factory=dict)  # engine step at which each future is read (reward_lag)
     generated: int = 0
     aborted: bool = False
     filter_degenerate: bool = True
@@ -160,6 +165,7 @@ class SeamlessRollout:
         deferred: list[tuple[Group, int]] = []  # naive mode: scored when the round's generation is done
         t0 = time.perf_counter()
         gen_s = wait_s = busy_rows = 0.0
+        engine_steps = 0  # the clock of `reward_lag`
         capacity = engine.max_batch_size
         end = -1
         while True:
@@ -174,22 +180,30 @@ class SeamlessRollout:
                 g.generated += 1
                 if cfg.async_reward:
                     g.futures[out.index] = router.submit(g.slot.problem, c.text)
+                    g.due[out.index] = engine_steps + cfg.reward_lag
                 elif cfg.continuous:
                     t = time.perf_counter()
                     self._score_inline(g, out.index)  # the generator waits for the reward
                     wait_s += time.perf_counter() - t
                 else:
                     deferred.append((g, out.index))
-            # --- 2. async rewards that are in (or expired)
+            # --- 2. async rewards that are in (or expired); with a lag, those that are due (or all of them
+            # once generation has stopped, when nothing is left to overlap)
+            idle_engine = not engine.has_unfinished()
             pending = []
+            t = time.perf_counter()
             for g in groups:
                 for i, fut in list(g.futures.items()):
-                    if fut.done() or router.expired(fut):
+                    if cfg.reward_lag:
+                        ready = idle_engine or engine_steps >= g.due[i]
+                    else:
+                        ready = fut.done() or router.expired(fut)
+                    if ready:
                         g.samples[i].reward = router.result(fut)  # type: ignore[union-attr]
                         del g.futures[i]
                     else:
                         pending.append(fut)
-            idle_engine = not engine.has_unfinished()
+            wait_s += time.perf_counter() - t if cfg.reward_lag else 0.0
             if idle_engine and deferred:
                 # Naive: the whole round is generated; score it as one parallel batch while the generator idles.
                 t = time.perf_counter()
@@ -229,6 +243,7 @@ class SeamlessRollout:
             if engine.has_unfinished():
                 t = time.perf_counter()
                 engine.step()
+                engine_steps += 1
                 dt = time.perf_counter() - t
                 gen_s += dt
                 busy_rows += dt * (engine.num_running + len(self._finished))

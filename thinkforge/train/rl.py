@@ -87,6 +87,7 @@ class RLConfig:
     continuous: bool = True  # Seamless Rollout (a)
     async_reward: bool = True  # Seamless Rollout (b)
     early_termination: bool = True  # Seamless Rollout (c)
+    reward_lag: int = 0  # > 0: async rewards read exactly this many engine steps later (reruns match)
     max_slots_factor: float = 8.0  # per step, start at most batch_groups * factor groups
     engine_max_batch: int = 128  # rows in the engine's continuous batch
     rewards: dict = field(default_factory=dict)  # task -> reward route (default by task kind)
@@ -324,7 +325,7 @@ def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
     rollout = SeamlessRollout(engine, router, tasks, RolloutConfig(
         group_size=cfg.group_size, max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         continuous=cfg.continuous, async_reward=cfg.async_reward, early_termination=cfg.early_termination,
-        max_slots_factor=cfg.max_slots_factor, system_prompt=cfg.system_prompt,
+        max_slots_factor=cfg.max_slots_factor, system_prompt=cfg.system_prompt, reward_lag=cfg.reward_lag,
         filter_degenerate=cfg.dynamic_sampling))
     rollout.valid_ratio = state.get("valid_ratio", rollout.valid_ratio)
     log = MetricLog(out_dir)
