@@ -45,8 +45,10 @@ class SlotKVCache(Cache):
         self._plan = ("decode", nrows, write_cols, kv_len)
 
     # ------------------------------------------------------------ HF Cache interface
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        # Extra arguments (cache_kwargs in transformers < 5.2x, `kwargs=` after) carry RoPE details this
+        # cache does not need: keys arrive already rotated.
         if layer_idx >= len(self.keys):
             self._allocate(layer_idx, key_states)
         k, v = self.keys[layer_idx], self.values[layer_idx]

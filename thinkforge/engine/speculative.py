@@ -48,11 +48,11 @@ class SpecKVCache(SlotKVCache):
     def plan_rows(self, rows: torch.Tensor, write_cols: torch.Tensor, kv_len: int) -> None:
         self._plan = ("rows", rows, write_cols, kv_len)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self._plan
         if plan is None or plan[0] != "rows":
-            return super().update(key_states, value_states, layer_idx, cache_kwargs)
+            return super().update(key_states, value_states, layer_idx)
         if layer_idx >= len(self.keys):
             self._allocate(layer_idx, key_states)
         _, rows, write_cols, kv_len = plan
