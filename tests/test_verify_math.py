@@ -93,6 +93,37 @@ def test_concurrent_callers_get_their_own_answers():
     assert [got[i] for i in range(len(cases))] == [c[2] for c in cases]
 
 
+def _grade_in_child(queue):
+    import os
+
+    verdicts = [math_equal("\\boxed{\\frac{2}{4}}", "\\frac12"), math_equal("\\boxed{\\frac{1}{3}}", "0.5"),
+                math_equal(PATHOLOGICAL, "2", timeout_s=1.0)]  # the timeout kills a worker: it must be our own
+    queue.put((verdicts, default_grader()._pid == os.getpid()))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_math_equal_in_a_forked_child_uses_its_own_workers():
+    import multiprocessing
+
+    assert math_equal("\\boxed{\\sqrt{4}}", "2")  # the parent's pool is up (idle workers the child inherits)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_grade_in_child, args=(queue,))
+    child.start()
+    try:
+        verdicts, own_pool = queue.get(timeout=120)
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    assert verdicts == [True, False, False] and child.exitcode == 0
+    # The child's timeout killed its own worker, not the parent's: the parent still grades correctly.
+    before = default_grader().timeouts
+    assert math_equal("\\boxed{\\frac{2}{4}}", "\\frac12") and math_equal("\\boxed{\\sqrt{9}}", "3")
+    assert default_grader().timeouts == before
+    assert own_pool  # the child's default grader belonged to the child
+
+
 @pytest.mark.parametrize("response,letter", [
     ("... so the answer is (C).", "C"),
     ("Answer: B", "B"),

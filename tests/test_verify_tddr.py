@@ -37,8 +37,17 @@ def test_custom_level_scores_and_empty_levels():
     scores = [0.2, 0.3, 0.5]
     assert tddr_reward([True, True, False], [0, 1, 2], "strict", scores) == pytest.approx(0.5)
     assert tddr_reward([True, False, True], [0, 1, 2], "soft", scores) == pytest.approx(0.7)
-    # Level 1 has no tests: it counts as passed in both modes.
+    # Level 1 has no tests: the default scores split over the two levels that have tests, and the empty
+    # level neither pays nor breaks the strict chain.
     assert tddr_reward([True, True], [0, 2], "strict") == pytest.approx(1.0)
+    assert tddr_reward([True, False], [0, 2], "strict") == pytest.approx(0.5)
+    assert tddr_reward([True, False], [0, 2], "soft") == pytest.approx(0.5)
+    assert tddr_reward([True, True], [0, 2], "strict", scores) == pytest.approx(0.7)
+    # Only hard tests (all level 2): failing them all earns nothing, passing them all earns 1.
+    for mode in ("strict", "soft"):
+        assert tddr_reward([False, False], [2, 2], mode) == 0.0
+        assert tddr_reward([True, True], [2, 2], mode) == pytest.approx(1.0)
+    assert tddr_reward([True, False], [2, 2], "soft") == pytest.approx(0.5)
     assert tddr_reward([], [], "soft") == 0.0
 
 

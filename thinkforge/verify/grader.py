@@ -6,11 +6,14 @@ thread (a rollout pool, a data loader) it fails, and verl's rewards silently bec
 runs in a small pool of persistent worker processes (`_math_worker.py`, started with subprocess, so no
 fork-of-threads or `__main__` re-import issues) with signals off; a call that overruns its deadline has its
 worker killed and replaced, and returns False. Plain numbers on both sides skip the pool entirely.
+Fork-safe: a forked child (multiprocessing "fork", a data-loader worker) starts its own empty pool instead of
+sharing the parent's worker pipes and lock.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from decimal import Decimal, InvalidOperation
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\b")
@@ -120,7 +124,8 @@ class MathGrader:
     """A pool of `workers` persistent math-verify processes, safe to call from any thread.
 
     `equal(response, gold, timeout_s)` returns within about `timeout_s` plus the wait for a free worker;
-    an overrunning worker is killed (and lazily restarted), the answer is False.
+    an overrunning worker is killed (and lazily restarted), the answer
+    is False. Owned by the process that made it: in a forked child it starts over with no workers.
     """
 
     def __init__(self, workers: int = 2, startup_timeout_s: float = 300.0) -> None:
@@ -131,7 +136,21 @@ class MathGrader:
         self._cond = threading.Condition()
         self._next_id = 0
         self.timeouts = 0
+        self._pid = os.getpid()
+        _GRADERS.add(self)
         atexit.register(self.close)
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: the workers, their pipes and the lock belong to the parent. Close the child's
+        copies of the pipes (the parent's stay open) and start an empty pool owned by this process."""
+        for proc in self._idle:
+            for pipe in (proc.stdin, proc.stdout):
+                with contextlib.suppress(OSError, ValueError):
+                    pipe.close()
+        self._idle = []
+        self._started = 0
+        self._cond = threading.Condition()
+        self._pid = os.getpid()
 
     def _spawn(self) -> subprocess.Popen:
         """A new worker, returned once it has imported math-verify (sympy takes seconds to import; that wait
@@ -220,6 +239,8 @@ class MathGrader:
         if fast is not None:
             return fast
         try:
+            # The wait for a free worker does not count against the timeout: a correct answer queued behind
+            # slow ones must not be graded False (silently zeroed rewards are what this module prevents).
             proc = self._acquire()
         except RuntimeError:  # no worker could start: grading must not crash a training loop
             return False
@@ -228,6 +249,9 @@ class MathGrader:
         return bool(ok)
 
     def close(self) -> None:
+        if os.getpid() != self._pid:  # inherited through fork: the workers are the parent's to stop
+            self._forget_after_fork()
+            return
         with self._cond:
             procs, self._idle = self._idle, []
             self._started -= len(procs)
@@ -238,6 +262,19 @@ class MathGrader:
 
 _DEFAULT: MathGrader | None = None
 _DEFAULT_LOCK = threading.Lock()
+_GRADERS: weakref.WeakSet[MathGrader] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """Runs in the child right after fork (one thread): locks may have been held by parent threads."""
+    global _DEFAULT_LOCK
+    _DEFAULT_LOCK = threading.Lock()
+    for grader in list(_GRADERS):
+        grader._forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def default_grader() -> MathGrader:

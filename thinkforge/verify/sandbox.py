@@ -199,7 +199,8 @@ def run_code(code: str, tests: list[dict], timeout_s: float = 5.0, memory_mb: in
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0 and isinstance(memory_mb, int) and memory_mb > 0):
         raise ThinkforgeError(f"run_code: timeout_s and memory_mb must be positive, got {timeout_s!r}, {memory_mb!r}")
     if not isinstance(code, str):
-        return [TestResult(False, "sandbox_error", f"code must be a string, got {type(code).__name__}")] * len(tests)
+        detail = f"code must be a string, got {type(code).__name__}"
+        return [TestResult(False, "sandbox_error", detail) for _ in tests]  # one object per test
     results: list[TestResult | None] = [None] * len(tests)
     runnable = []
     for i, test in enumerate(tests):
@@ -341,7 +342,7 @@ def _run_sandbox(code: str, tests: list[dict], timeout_s: float, memory_mb: int)
     try:
         sandbox = _acquire()
     except Exception as e:  # noqa: BLE001 - a broken sandbox is a result, never an exception in a training loop
-        return [TestResult(False, "sandbox_error", f"{type(e).__name__}: {e}")] * len(tests)
+        return [TestResult(False, "sandbox_error", f"{type(e).__name__}: {e}") for _ in tests]
     job = {"code": code, "tests": clean, "own_pid_namespace": sandbox.reusable, **_limits(timeout_s, memory_mb)}
     # A backstop only: the harness enforces each test's timeout itself.
     deadline = time.monotonic() + len(tests) * (2 * timeout_s + 1.0) + 10.0
@@ -350,13 +351,13 @@ def _run_sandbox(code: str, tests: list[dict], timeout_s: float, memory_mb: int)
         rows, healthy = sandbox.run(job, len(tests), deadline)
     except Exception as e:  # noqa: BLE001
         rows = {}
-        lost = TestResult(False, "sandbox_error", f"{type(e).__name__}: {e}")
+        lost = ("sandbox_error", f"{type(e).__name__}: {e}")
     else:
         # Rows missing: the program killed the harness (same uid) or it stalled; never a pass.
-        lost = TestResult(False, "runtime_error", "the sandbox harness died during this program")
+        lost = ("runtime_error", "the sandbox harness died during this program")
     finally:
         _release(sandbox, healthy)
-    return [rows.get(i, lost) for i in range(len(tests))]
+    return [rows[i] if i in rows else TestResult(False, *lost) for i in range(len(tests))]
 
 
 def run_code_batch(items: list[tuple[str, list[dict]]] | list[dict], max_workers: int | None = None,

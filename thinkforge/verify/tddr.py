@@ -37,15 +37,16 @@ def tddr_reward(passed: Sequence[bool], levels: Sequence[int], mode: str = "stri
                 level_scores: Sequence[float] | None = None) -> float:
     """The reward of one solution given which tests it passed and each test's difficulty level.
 
-    With L = max(levels) + 1 levels, score s_l for level l (default s_l = 1/L, so a full pass earns 1),
-    T_l the tests of level l and P_l those of them that passed:
+    With T_l the tests of level l, P_l those of them that passed, and score s_l for level l (default
+    s_l = 1/L over the L levels that have tests, so a full pass earns 1 and a full fail 0):
 
         strict:  R = sum_l s_l * [ |P_k| = |T_k| for every k <= l ]
                  a level counts only if it and every easier level pass completely;
         soft:    R = sum_l s_l * |P_l| / |T_l|
                  each level's score is split equally over its tests.
 
-    A level without tests counts as passed. Raises ThinkforgeError on mismatched lengths, negative levels,
+    A level without tests earns nothing and does not break the strict chain (a problem whose tests are all
+    hard must not hand out the easy levels' score for free). Raises ThinkforgeError on mismatched lengths, negative levels,
     too few level scores or an unknown mode.
     """
     if mode not in ("strict", "soft"):
@@ -57,17 +58,18 @@ def tddr_reward(passed: Sequence[bool], levels: Sequence[int], mode: str = "stri
     if any(not isinstance(lv, int) or lv < 0 for lv in levels):
         raise ThinkforgeError(f"tddr_reward: levels must be non-negative ints, got {list(levels)!r:.100}")
     n = max(levels) + 1
-    scores = [1.0 / n] * n if level_scores is None else [float(s) for s in level_scores]
-    if len(scores) < n:
-        raise ThinkforgeError(f"tddr_reward: {len(scores)} level_scores for levels up to {n - 1}")
+    if level_scores is not None and len(level_scores) < n:
+        raise ThinkforgeError(f"tddr_reward: {len(level_scores)} level_scores for levels up to {n - 1}")
     totals, hits = [0] * n, [0] * n
     for ok, lv in zip(passed, levels, strict=True):
         totals[lv] += 1
         hits[lv] += bool(ok)
+    present = [lv for lv in range(n) if totals[lv]]
+    scores = ([1.0 / len(present)] * n) if level_scores is None else [float(s) for s in level_scores]
     reward = 0.0
-    for lv in range(n):
+    for lv in present:
         if mode == "soft":
-            reward += scores[lv] * (hits[lv] / totals[lv] if totals[lv] else 1.0)
+            reward += scores[lv] * hits[lv] / totals[lv]
         elif hits[lv] == totals[lv]:
             reward += scores[lv]
         else:
