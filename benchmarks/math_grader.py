@@ -4,7 +4,7 @@ Ours: `math_equal` (boxed extraction, bare answers read as LaTeX, worker-process
 called from `--threads` threads. Beside it: math-verify used directly in-process the common way
 (`verify(parse(gold), parse(solution))` on the main thread, its own SIGALRM timeouts), same pairs.
 
-    python benchmarks/math_grader.py --out results/math_grader.json
+    python benchmarks/math_grader.py --out results/math_grader.json   [--data path/to/math500.jsonl]
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-DATA = "/work/shared/data/benchmarks/math500.jsonl"
+
+def packaged_math500() -> str:
+    """The MATH-500 copy shipped inside the package (where the `math500` task reads it)."""
+    from thinkforge.tasks.benchmarks import DATA_DIR
+
+    return str(DATA_DIR / "math500.jsonl")
 
 
 def perturb(answer: str) -> str:
@@ -59,7 +64,8 @@ def raw_math_verify(pairs: list[tuple[str, str]]) -> tuple[list[bool], float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=DATA)
+    parser.add_argument("--data", default=None,
+                        help="MATH-500 jsonl (problem/solution/answer/unique_id); default: the packaged copy")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--limit", type=int, default=None)
@@ -71,6 +77,7 @@ def main() -> None:
     from thinkforge.utils import atomic_write_json, read_jsonl, run_metadata
     from thinkforge.verify import default_grader
 
+    args.data = args.data or packaged_math500()
     if not os.path.exists(args.data):
         raise ThinkforgeError(f"{args.data}: MATH-500 jsonl not found (--data)")
     rows = read_jsonl(args.data)[: args.limit]

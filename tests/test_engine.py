@@ -64,8 +64,11 @@ def test_continuous_batching_short_leaves_long_continues_and_slots_reused(model,
     short_p = SamplingParams(temperature=0, max_tokens=3)
     ids = ids_of(tok, ["def add(a, b):", "x", "What is 12 + 35?"])
 
+    outputs = {}
+
     def record(out):
         events.append((out.request_id, engine.stats["decode_forwards"], engine.num_running))
+        outputs[out.request_id] = out.completion
 
     engine.add_request(ids[0], long_p, request_id="long", on_finish=record)
     engine.add_request(ids[1], short_p, request_id="short", on_finish=record)
@@ -84,6 +87,8 @@ def test_continuous_batching_short_leaves_long_continues_and_slots_reused(model,
     # Row moves / slot reuse did not disturb the long sequence: same tokens as running it alone.
     alone = LLMEngine(model, tok, max_batch_size=2).generate([ids[0]], long_p)[0][0]
     assert alone.finish_reason == "length" and len(alone.token_ids) == 40
+    assert outputs["long"].finish_reason == "length" and outputs["long"].token_ids == alone.token_ids
+    assert outputs["long"].text == alone.text
     assert engine._requests == {}  # callback users' records are dropped
 
 
@@ -167,6 +172,54 @@ def test_abort_running_and_waiting(model, tok):
     assert not engine.has_unfinished()
     assert done["a"].completion.finish_reason == "abort" and 0 < len(done["a"].completion.token_ids) < 200
     assert done["b"].completion.finish_reason == "abort" and done["b"].completion.token_ids == []
+
+
+def test_abort_callback_may_call_add_request_and_abort(model, tok):
+    import threading
+
+    engine = LLMEngine(model, tok, max_batch_size=1)
+    p = SamplingParams(temperature=0, max_tokens=200, stop_token_ids=[])
+    short = SamplingParams(temperature=0, max_tokens=3)
+    seen = []
+
+    def on_abort(out):  # re-enters the engine from inside its step
+        seen.append(out.completion.finish_reason)
+        engine.add_request(ids_of(tok, ["z"])[0], short, request_id="c")
+        engine.abort("a")
+
+    engine.add_request(ids_of(tok, ["x"])[0], p, request_id="a")
+    engine.add_request(ids_of(tok, ["y"])[0], p, request_id="b", on_finish=on_abort)
+    engine.step()
+    assert engine.num_running == 1 and engine.num_waiting == 1  # "a" runs, "b" waits for the slot
+    engine.abort("b")
+    errors = []
+
+    def run():
+        try:
+            while engine.has_unfinished():
+                engine.step()
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "engine deadlocked running an abort callback"
+    assert errors == [] and seen == ["abort"]
+    a, c = engine._pop_outputs("a")[0], engine._pop_outputs("c")[0]
+    assert a.finish_reason == "abort" and 0 < len(a.token_ids) < 200
+    expected = LLMEngine(model, tok).generate(ids_of(tok, ["z"]), short)[0][0]
+    assert c.token_ids == expected.token_ids and c.finish_reason == expected.finish_reason
+
+
+@pytest.mark.parametrize("field,value", [
+    ("top_p", "x"), ("temperature", None), ("top_k", 1.5), ("max_tokens", "8"), ("n", [2]), ("seed", "s"),
+    ("stop", "abc"), ("stop_token_ids", ["1"]),
+])
+def test_sampling_params_wrong_types_name_the_field(field, value):
+    with pytest.raises(ThinkforgeError, match=f"^{field} must be"):
+        SamplingParams(**{field: value}).validate()
+    assert SamplingParams(temperature=0, top_p=1, max_tokens=4, seed=3, stop=["x"], stop_token_ids=[1]).validate()
 
 
 def test_load_weights_in_place(model, tok):

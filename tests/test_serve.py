@@ -118,6 +118,9 @@ def test_concurrent_requests_share_the_batch(server, client):
     ({"prompt": "hello " * 200}, "prompt"),
     ({"prompt": "x", "model": "gpt-17"}, "model"),
     ({"prompt": "x", "n": "many"}, "n"),
+    ({"prompt": [5, 10**6]}, "prompt"),  # token id beyond the vocabulary
+    ({"prompt": [5, -1]}, "prompt"),
+    ({"prompt": [[5, 6], [7, 10**6]]}, "prompt.1"),
 ])
 def test_bad_requests_get_400_and_server_keeps_serving(server, body, field):
     payload = {"model": NAME, **body}
@@ -127,6 +130,38 @@ def test_bad_requests_get_400_and_server_keeps_serving(server, body, field):
     assert err["type"] == "invalid_request_error" and err["param"] == field and err["message"]
     ok = httpx.post(server["url"] + "/completions", json={"model": NAME, "prompt": "x", "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200
+
+
+def test_out_of_vocab_token_ids_do_not_fail_requests_in_flight(server):
+    url = server["url"] + "/completions"
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(httpx.post, url, json={"model": NAME, "prompt": [5, 6, 7], "max_tokens": 60,
+                                                  "temperature": 0, "stop_token_ids": []}, timeout=120)
+        time.sleep(0.2)
+        r = httpx.post(url, json={"model": NAME, "prompt": [5, 999999]}, timeout=30)
+        assert r.status_code == 400 and "999999" in r.json()["error"]["message"]
+        done = long.result(timeout=120)
+    assert done.status_code == 200, done.text
+    body = done.json()
+    assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -2}, "max_tokens"),
+    ({"max_completion_tokens": 0, "max_tokens": 5}, "max_completion_tokens"),
+])
+def test_chat_max_tokens_below_one_is_400_like_completions(server, extra, field):
+    msgs = [{"role": "user", "content": "hi"}]
+    r = httpx.post(server["url"] + "/chat/completions", json={"model": NAME, "messages": msgs, **extra}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and ">= 1" in err["message"]
+    same = httpx.post(server["url"] + "/completions", json={"model": NAME, "prompt": "hi", "max_tokens": 0}, timeout=30)
+    assert same.status_code == 400 and same.json()["error"]["param"] == "max_tokens"
+    ok = httpx.post(server["url"] + "/chat/completions", json={"model": NAME, "messages": msgs, "max_tokens": 1,
+                                                              "temperature": 0}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
 
 
 def test_malformed_json_and_client_errors(server, client):

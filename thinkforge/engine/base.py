@@ -7,6 +7,7 @@ teacher are interchangeable.
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,21 @@ class SamplingParams:
     logprobs: bool = False
 
     def validate(self) -> SamplingParams:
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ThinkforgeError(f"{name} must be a number, got {value!r}")
+        for name in ("top_k", "max_tokens", "n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ThinkforgeError(f"{name} must be an integer, got {value!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
+            raise ThinkforgeError(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
+            raise ThinkforgeError(f"stop must be a list of strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in self.stop_token_ids):
+            raise ThinkforgeError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ThinkforgeError(f"temperature must be >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):

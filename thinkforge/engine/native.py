@@ -94,6 +94,7 @@ class LLMEngine:
         ctx = getattr(cfg, "max_position_embeddings", None) or max_model_len or 4096
         self.max_model_len = min(ctx, max_model_len) if max_model_len else ctx
         self.max_batch_size = max_batch_size
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         self.max_prefill_tokens = max_prefill_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -136,6 +137,9 @@ class LLMEngine:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ThinkforgeError("prompt is empty (no tokens)")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:  # caught here, not inside step() where it would fail every running request
+            raise ThinkforgeError(f"prompt token id {bad} is out of range 0..{self.vocab_size - 1}")
         if len(ids) >= self.max_model_len:
             raise ThinkforgeError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
                                   "(no room for a completion)")
@@ -219,16 +223,16 @@ class LLMEngine:
         """One scheduler iteration: aborts, admission (+prefill), one decode forward. Returns the samples
         that finished during this step (their callbacks have already run)."""
         finished: list[SequenceOutput] = []
+        aborted_waiting: list[_Seq] = []
         with self._lock:
             aborts, self._abort = self._abort, set()
             if aborts:
                 keep = deque()
                 for s in self._waiting:
-                    if s.req.request_id in aborts:
-                        finished.append(self._finish(s, "abort"))
-                    else:
-                        keep.append(s)
+                    (aborted_waiting if s.req.request_id in aborts else keep).append(s)
                 self._waiting = keep
+        # Callbacks run outside the (non-reentrant) lock: an on_finish may call add_request or abort.
+        finished += [self._finish(s, "abort") for s in aborted_waiting]
         if aborts:
             dead = [i for i, s in enumerate(self._running) if s.req.request_id in aborts]
             finished += [self._finish(self._running[i], "abort") for i in dead]

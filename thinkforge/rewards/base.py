@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout  # builtin TimeoutError only from 3.11
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -179,7 +180,7 @@ class RewardRouter:
         remaining = max(0.0, fut.t_submit + limit - time.monotonic())  # type: ignore[attr-defined]
         try:
             return fut.result(timeout=remaining)
-        except TimeoutError:
+        except FutureTimeout:
             self._abandon(fut)
             return RewardResult(0.0, False, f"reward_timeout: exceeded {limit:g}s")
 

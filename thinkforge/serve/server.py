@@ -52,6 +52,7 @@ class _Generator:
             raise ThinkforgeError("serve: --speculative needs --backend native")
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
         self.backend = cfg.backend
+        self.vocab_size = _vocab_size(model, self.tokenizer)
         if cfg.backend == "native":
             from thinkforge.engine.native import LLMEngine
             from thinkforge.engine.runner import EngineLoop
@@ -78,6 +79,10 @@ class _Generator:
         if len(ids) >= self.max_model_len:
             raise P.RequestError(f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens",
                                  param=param, code="context_length_exceeded")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:  # would fail inside the shared engine step, taking every in-flight request down
+            raise P.RequestError(f"token id {bad} is out of range; this model's vocabulary has ids 0.."
+                                 f"{self.vocab_size - 1}", param=param)
 
     async def run(self, ids: list[int], params: SamplingParams, on_token: Any = None) -> list[Completion]:
         if self.backend == "native":
@@ -179,7 +184,14 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 raise P.RequestError(str(err), param="messages") from None
             ids = tok(text, add_special_tokens=False)["input_ids"]
             gen.check_prompt(ids, "messages")
-            max_tokens = req.max_completion_tokens or req.max_tokens or (gen.max_model_len - len(ids))
+            if req.max_completion_tokens is not None:
+                max_tokens, field = req.max_completion_tokens, "max_completion_tokens"
+            elif req.max_tokens is not None:
+                max_tokens, field = req.max_tokens, "max_tokens"
+            else:  # unset: whatever room the context leaves
+                max_tokens, field = gen.max_model_len - len(ids), "max_tokens"
+            if max_tokens < 1:  # 0 is rejected as on /v1/completions, not read as "unset"
+                raise P.RequestError(f"{field} must be >= 1, got {max_tokens}", param=field)
             params = P.sampling_params(req, max_tokens)
             params.logprobs = req.logprobs
         except P.RequestError as err:
@@ -205,6 +217,13 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         return P.chat_response(name, group, tok, params.logprobs, len(ids))
 
     return app
+
+
+def _vocab_size(model: Any, tok: Any) -> int:
+    """How many token ids the model accepts: its input embedding rows (may exceed len(tokenizer) when padded)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    return int(rows) if rows else len(tok)
 
 
 def _prompt_ids(prompt: Any, tok: Any) -> list[list[int]]:
