@@ -70,6 +70,10 @@ def test_cli_errors_name_the_row(tmp_path):
          "error: unknown task 'nosuch'"),
         (["eval", "--task", "aime24", "--output", str(tmp_path / "o")], "error: --model is required"),
         (["report", str(tmp_path / "empty")], "error: "),
+        (["eval", "--task", "arith", "--model", "x", "--backend", "hf", "--speculative", "mtp", "--output",
+          str(tmp_path / "o")], "error: --speculative mtp needs --backend native, got --backend hf"),
+        (["eval", "--task", "arith", "--model", "x", "--num-draft", "2", "--output", str(tmp_path / "o")],
+         "error: --num-draft needs --speculative mtp"),
     ]
     (tmp_path / "empty").mkdir()
     for argv, message in cases:

@@ -1,9 +1,11 @@
-"""Shared pieces for the RL tests (no tests here): toy rewards registered under test-only names, and a
-micro model. Imported by test_rl*.py / test_rollout*.py and by the subprocess of the SIGKILL test."""
+"""Shared pieces for the RL tests: toy rewards registered under test-only names, and a micro model.
+Imported by test_rl*.py / test_rollout*.py and by the subprocess of the SIGKILL test. The one test here
+checks the shipped RL recipes and the command each one documents."""
 
 from __future__ import annotations
 
 import re
+import shlex
 import time
 from pathlib import Path
 
@@ -69,3 +71,39 @@ def micro_model(out: Path) -> str:
         pretrain(PretrainConfig(out_dir=str(out), model_size="micro", steps=4, batch_size=4, seq_len=64,
                                 docs_per_stage=200, eval_docs=16, eval_every=2, save_every=100, warmup_steps=1))
     return str(model)
+
+
+def _documented_rl_commands(path: Path) -> list[list[str]]:
+    """The `thinkforge rl ...` command lines in a recipe's comments."""
+    return [shlex.split(line.lstrip("# ").strip())[2:] for line in path.read_text(encoding="utf-8").splitlines()
+            if line.startswith("#") and line.lstrip("# ").startswith("thinkforge rl ")]
+
+
+def test_every_shipped_rl_recipe_loads_and_its_documented_command_runs_checks():
+    """Each rl-*.yaml builds an RLConfig that passes check(), and the command in its header names tasks RL
+    can train on (a task without a 'train' split fails at the start of the run)."""
+    import thinkforge
+    from thinkforge.tasks import get_task
+    from thinkforge.train.rl import RLConfig
+    from thinkforge.utils import load_config
+
+    fields = {"--model": "model", "--tasks": "tasks", "--out": "out_dir", "--steps": "steps", "--device": "device",
+              "--seed": "seed"}
+    recipes = sorted((Path(thinkforge.__file__).parent / "recipes").glob("rl-*.yaml"))
+    assert {p.stem for p in recipes} >= {"rl-mimo7b", "rl-speedrun"}
+    for path in recipes:
+        commands = _documented_rl_commands(path)
+        assert commands, f"{path.name}: no documented `thinkforge rl` command"
+        for argv in commands:
+            opts = dict(zip(argv[::2], argv[1::2], strict=True))
+            assert opts.get("--recipe") == path.stem, (path.name, argv)
+            overrides = {fields[k]: v for k, v in opts.items() if k in fields}
+            if "tasks" in overrides:
+                overrides["tasks"] = overrides["tasks"].split(",")
+            cfg = load_config(RLConfig, path.stem, "rl", overrides)
+            assert cfg.model
+            cfg.check()
+            for name in cfg.tasks:
+                assert "train" in get_task(name).splits, f"{path.name}: task {name!r} has no 'train' split"
+        # The recipe alone, with only a model given, is a valid config too.
+        load_config(RLConfig, str(path), "rl", {"model": "some/model"}).check()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import socket
 import threading
 import time
@@ -206,6 +207,35 @@ def test_backend_server_and_acceptance_helper(model, tok, tmp_path):
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+def test_eval_cli_speculative_mtp_gives_the_plain_greedy_samples(model, tok, tmp_path):
+    """`thinkforge eval --speculative mtp --num-draft K` decodes with the MTP layers; greedy samples (text,
+    token counts, finish reasons, scores) are exactly those of plain decoding."""
+    from typer.testing import CliRunner
+
+    from thinkforge.cli import app
+
+    path = str(tmp_path / "ck")
+    save_model(model, tok, path)
+    common = ["eval", "--model", path, "--backend", "native", "--device", "cpu", "--dtype", "float32", "--task",
+              "arith", "--n", "2", "--limit", "4", "--max-tokens", "24", "--temperature", "0", "--batch-size", "3"]
+    runner = CliRunner()
+    plain = runner.invoke(app, [*common, "--output", str(tmp_path / "plain")])
+    assert plain.exit_code == 0, plain.output
+    assert "speculative mtp" not in plain.output
+    spec = runner.invoke(app, [*common, "--speculative", "mtp", "--num-draft", "2", "--output", str(tmp_path / "spec")])
+    assert spec.exit_code == 0, spec.output
+    assert "speculative mtp (num_draft 2): acceptance per draft position" in spec.output
+    a = (tmp_path / "plain/arith/samples.jsonl").read_text()
+    b = (tmp_path / "spec/arith/samples.jsonl").read_text()
+    assert len(a.splitlines()) == 8 and a == b
+    summary = json.loads((tmp_path / "spec/arith/summary.json").read_text())
+    assert summary["config"]["speculative"] == "mtp" and summary["config"]["num_draft"] == 2
+    # Asking for more drafts than trained MTP layers is a clear error, before any generation.
+    bad = runner.invoke(app, [*common, "--speculative", "mtp", "--num-draft", "3", "--output", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "num_draft 3 > the 2 trained MTP layer" in str(bad.exception)
+    assert not (tmp_path / "bad/arith/samples.jsonl").exists()
 
 
 def test_sampling_distribution_chi2_helper_is_sound():

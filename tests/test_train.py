@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -38,6 +39,29 @@ def test_pretrain_lowers_loss_and_logs_stages(tmp_path):
     assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(3e-3) and lrs[-1] < 0.5 * max(lrs)
 
 
+def test_pretrain_continues_a_checkpoint_whose_tokenizer_has_no_pad_token(tmp_path):
+    """GPT-2/Llama-style tokenizers have no pad token: documents are separated by EOS instead."""
+    from thinkforge.engine.testing import build_tiny_model, build_tokenizer
+    from thinkforge.train.pretrain import TokenStream
+
+    tok = build_tokenizer()
+    tok.pad_token = None
+    assert tok.pad_token_id is None and tok.eos_token_id is not None
+    stream = TokenStream(["1 + 2 = 3", "def f(x):\n    return x"] * 30, tok, 16)
+    assert int((stream.ids == tok.eos_token_id).sum()) == 60 and stream.ids[-1] == tok.eos_token_id
+    ckpt = tmp_path / "padless"
+    model = build_tiny_model(tok)
+    model.save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    summary = pretrain(PretrainConfig(out_dir=str(tmp_path / "run"), model=str(ckpt), steps=2, eval_every=1,
+                                      save_every=100, **SMALL))
+    assert summary["steps"] == 2 and math.isfinite(summary["heldout_loss"])
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    tok.eos_token = None
+    with pytest.raises(ThinkforgeError, match="neither a pad nor an eos token"):
+        TokenStream(["1 + 2 = 3"] * 30, tok, 16)
+
+
 def test_pretrain_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     straight = tmp_path / "straight"
     cfg = dict(steps=12, save_every=4, eval_every=100, **SMALL)
@@ -61,6 +85,51 @@ def test_pretrain_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_failed_final_save_leaves_no_half_written_model(tmp_path, monkeypatch):
+    """The disk fills while the final model is being written: no `model/` appears, no temp dir is left,
+    the last checkpoint survives and the run resumes from it; a failed save over an existing model
+    leaves that model as it was."""
+    from transformers import PreTrainedModel
+
+    out = tmp_path / "run"
+    real_save = PreTrainedModel.save_pretrained
+    partial: list[int] = []
+
+    def save_then_fail(self, save_directory, *args, **kwargs):
+        real_save(self, save_directory, *args, **kwargs)
+        target = Path(save_directory)
+        if target.parent == out and target.name.startswith(".model."):  # the final model, not a checkpoint
+            weights = target / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+            partial.append(weights.stat().st_size)
+            raise OSError(28, "No space left on device")
+
+    cfg = PretrainConfig(out_dir=str(out), steps=4, eval_every=100, save_every=2, **SMALL)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        pretrain(cfg)
+    assert partial and partial[0] > 0  # the failure really came mid-write
+    assert not (out / "model").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp dir left behind
+    ckpt = torch.load(out / "checkpoint" / "trainer.pt", weights_only=False)
+    assert ckpt["state"]["step"] == 2 and load_file(str(out / "checkpoint" / "model" / "model.safetensors"))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real_save)
+    summary = pretrain(cfg)  # resumes from step 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # The failed run logged steps 1-4 (append-only log); the resumed one only 3 and 4.
+    assert summary["steps"] == 4 and [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4]
+    assert [r["loss"] for r in rows[4:]] == pytest.approx([r["loss"] for r in rows[2:4]], rel=1e-5)
+    good = {p.name: p.read_bytes() for p in (out / "model").iterdir()}
+    assert not (out / "checkpoint").exists() and "model.safetensors" in good
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        pretrain(PretrainConfig(**{**vars(cfg), "seed": 1}))  # a new run into the same directory
+    assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == good
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
 def test_sft_trains_only_on_assistant_tokens(tiny_checkpoint):
@@ -118,3 +187,19 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not (tmp_path / "out" / "model").exists()
+
+
+@pytest.mark.parametrize("preset, out, message", [
+    ("nope", "OUT", "error: recipe 'speedrun-nope' not found"),
+    ("smoke", "FILE/run", "is not writable"),  # the parent is a regular file
+    ("smoke", "/proc/forbidden/run", "error: output directory /proc/forbidden/run is not writable"),
+])
+def test_speedrun_bad_input_fails_before_any_work(tmp_path, preset, out, message):
+    (tmp_path / "FILE").write_text("not a directory\n")
+    out = out.replace("OUT", str(tmp_path / "out")).replace("FILE", str(tmp_path / "FILE"))
+    result = run_cli("speedrun", "--preset", preset, "--out", out, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists() and (tmp_path / "FILE").read_text() == "not a directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]  # no stage directory, no tokenizer, no model

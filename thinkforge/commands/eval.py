@@ -17,6 +17,32 @@ def _task_names(task: str) -> list[str]:
     return names
 
 
+def _speculative_kwargs(backend: str, speculative: str | None, num_draft: int) -> dict[str, Any]:
+    """Backend kwargs for `--speculative/--num-draft` (the native engine's MTP self-speculative decoding)."""
+    if speculative in (None, "", "none"):
+        if num_draft != 1:
+            raise ThinkforgeError("--num-draft needs --speculative mtp")
+        return {}
+    if speculative != "mtp":
+        raise ThinkforgeError(f"unknown --speculative {speculative!r}; known: mtp")
+    if backend != "native":
+        raise ThinkforgeError(f"--speculative mtp needs --backend native, got --backend {backend}")
+    if num_draft < 1:
+        raise ThinkforgeError(f"--num-draft must be >= 1, got {num_draft}")
+    return {"speculative": speculative, "num_draft": num_draft}
+
+
+def _speculative_line(backend: Any) -> str | None:
+    """One line of MTP draft statistics when the native engine decoded speculatively."""
+    spec = getattr(getattr(backend, "engine", None), "_spec", None)
+    if spec is None:
+        return None
+    m = spec.metrics()
+    acc = ", ".join(f"{100 * a:.1f}%" for a in m["acceptance"])
+    return (f"speculative mtp (num_draft {m['num_draft']}): acceptance per draft position {acc}; "
+            f"mean accepted length {m['mean_accepted_length']:.2f}")
+
+
 def eval_cmd(
     task: Annotated[str, typer.Option(help="Task(s), comma-separated: math500,aime24,aime25,amc23,gsm8k,humaneval,"
                                            "gpqa_diamond,livecodebench,mmlu_pro or a synthetic task (arith, code).")],
@@ -38,6 +64,9 @@ def eval_cmd(
     device: Annotated[str | None, typer.Option(help="native/hf/vllm: auto, cpu, cuda, cuda:1...")] = None,
     dtype: Annotated[str | None, typer.Option(help="native/hf/vllm: auto, float32, bfloat16...")] = None,
     all_problems: Annotated[bool, typer.Option(help="With --responses: unanswered problems count as wrong.")] = False,
+    speculative: Annotated[str | None, typer.Option(help="native: mtp = self-speculative decoding with the "
+                                                    "checkpoint's MTP layers (greedy output unchanged).")] = None,
+    num_draft: Annotated[int, typer.Option(help="Draft tokens per step with --speculative mtp.")] = 1,
 ) -> None:
     """Evaluate a model on benchmarks (resumable), or re-score an existing responses file.
 
@@ -66,8 +95,10 @@ def eval_cmd(
         kwargs = {k: v for k, v in {"device": device, "dtype": dtype}.items() if v is not None}
         if kwargs and backend == "openai":
             raise ThinkforgeError("--device/--dtype do not apply to --backend openai")
+        kwargs.update(_speculative_kwargs(backend, speculative, num_draft))
         engine = get_backend(backend, model, **kwargs)
         config = {"model": model, "backend": backend, **kwargs}
+        line = None
         try:
             for t in tasks:
                 from thinkforge.commands.train import progress_bar
@@ -78,8 +109,11 @@ def eval_cmd(
                         t, engine, params, split=split, n_problems=limit, output_dir=output, system_prompt=system_prompt,
                         seed=seed, config=config, batch_size=batch_size,
                         progress=lambda done, total, job=job, bar=bar: bar.update(job, completed=done, total=total)))
+            line = _speculative_line(engine)
         finally:
             engine.close()
+        if line:
+            typer.echo(line)
     for s in summaries:
         pk = " ".join(f"pass@{k}={100 * v:.1f}" for k, v in s["pass_at_k"].items())
         typer.echo(f"{s['task']}: accuracy {100 * s['accuracy']:.1f}% ({s['n_problems']} problems x "

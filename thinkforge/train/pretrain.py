@@ -91,11 +91,22 @@ def stage_documents(cfg: PretrainConfig, stage: dict[str, Any], split: str = "tr
     return docs
 
 
+def document_separator(tokenizer: Any) -> int:
+    """The token between documents: the pad token (<|endoftext|> in thinkforge's and Qwen's tokenizers),
+    else EOS (GPT-2 and Llama tokenizers have no pad token; their EOS is the document end)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        token_id = getattr(tokenizer, name, None)
+        if isinstance(token_id, int):
+            return token_id
+    raise ThinkforgeError("the tokenizer has neither a pad nor an eos token to separate training documents; "
+                          "set one (tokenizer.eos_token) in the checkpoint's tokenizer_config.json")
+
+
 class TokenStream:
-    """Documents tokenized and joined with EOS; batches are random windows chosen by (seed, step)."""
+    """Documents tokenized and joined with a separator token; batches are random windows chosen by (seed, step)."""
 
     def __init__(self, docs: list[str], tokenizer: Any, seq_len: int) -> None:
-        eos = tokenizer.pad_token_id  # <|endoftext|> separates documents
+        eos = document_separator(tokenizer)
         ids: list[int] = []
         for row in tokenizer(docs, add_special_tokens=False)["input_ids"]:
             ids.extend(row)
