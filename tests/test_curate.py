@@ -210,3 +210,17 @@ def test_bad_input_and_empty_result(tmp_path):
     assert not out.exists() and json.loads(stats_path(out).read_text())["kept"] == 0
     with pytest.raises(ThinkforgeError, match="--format must be one of"):
         curate(CurateConfig(traces=str(wrong), out=str(out), format="alpaca"))
+
+
+def test_unknown_task_names_file_and_line(tmp_path):
+    good = {"problem": {"id": "a", "task": "arith", "prompt": "Compute 1 + 1.", "answer": "2"}, "response": "\\boxed{2}"}
+    bad = {"problem": {"id": "b", "task": "arithmetic", "prompt": "Compute 1 + 2."}, "response": "\\boxed{3}"}
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")  # line 3: the blank line counts
+    with pytest.raises(ThinkforgeError, match=r"traces\.jsonl:3: field 'problem\.task': unknown task 'arithmetic'; "
+                                              r"known: .*arith"):
+        curate(CurateConfig(traces=str(traces), out=str(tmp_path / "o.jsonl")))
+    res = subprocess.run([sys.executable, "-m", "thinkforge.cli", "curate", str(traces), "--out", str(tmp_path / "o.jsonl")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith(f"error: {traces}:3: field 'problem.task': unknown task")
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.jsonl").exists()

@@ -7,6 +7,7 @@ connections dropped in the middle of the body. Our own `thinkforge serve` is the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -260,3 +261,46 @@ def test_bad_input(tmp_path, teacher):
         distill(cfg_for(teacher, broken))
     with pytest.raises(ThinkforgeError, match="unknown task 'nope'"):
         distill(cfg_for(teacher, tmp_path / "y.jsonl", tasks=["nope"]))
+
+
+def test_resume_refuses_rows_drawn_with_other_settings(teacher, tmp_path):
+    from typer.testing import CliRunner
+
+    from thinkforge.cli import app
+    from thinkforge.data.distill import settings_path
+
+    out = tmp_path / "traces.jsonl"
+    distill(cfg_for(teacher, out, n=1, limit=4, temperature=0.7))
+    record = json.loads(settings_path(out).read_text())
+    assert record == {"settings": {"teacher": "scripted", "temperature": 0.7, "top_p": 1.0, "max_tokens": 64,
+                                   "system_prompt": None}, "previous": []}
+    before, calls = out.read_text(), teacher.calls
+    for change, what in ((dict(temperature=0.2), "temperature 0.7 -> 0.2"), (dict(max_tokens=32), "max_tokens 64 -> 32"),
+                         (dict(top_p=0.9), "top_p 1.0 -> 0.9"), (dict(system_prompt="Be brief."), "system_prompt None")):
+        with pytest.raises(ThinkforgeError, match=rf"traces\.jsonl: its 4 rows were drawn with other settings \({what}"):
+            distill(cfg_for(teacher, out, n=2, limit=4, **change))
+    assert out.read_text() == before and teacher.calls == calls  # refused before any request
+    # Same teacher model behind another URL spelling, more samples per problem: rows drawn the same way
+    other_url = dataclasses.replace(cfg_for(teacher, out, n=2, limit=4), teacher=teacher.url + "/#scripted")
+    summary = distill(other_url)
+    assert summary["this_run"]["written"] == 4 and len(read_rows(out)) == 8
+    # The explicit override appends and keeps the history
+    runner = CliRunner()
+    args = ["distill", "--teacher", teacher.url, "--tasks", "arith", "--n", "2", "--limit", "5", "--out", str(out),
+            "--temperature", "0.2", "--max-tokens", "64"]
+    res = runner.invoke(app, args)
+    assert isinstance(res.exception, ThinkforgeError) and "drawn with other settings" in str(res.exception)
+    res = runner.invoke(app, [*args, "--allow-settings-change"])
+    assert res.exit_code == 0, res.output
+    rows = read_rows(out)
+    assert len(rows) == 10 and sorted(r["temperature"] for r in rows) == [0.2] * 2 + [0.7] * 8
+    record = json.loads(settings_path(out).read_text())
+    assert record["settings"]["temperature"] == 0.2 and [p["temperature"] for p in record["previous"]] == [0.7]
+    # A file from before settings were recorded is checked on what its rows carry (teacher, temperature)
+    legacy = tmp_path / "legacy.jsonl"
+    legacy.write_text("".join(json.dumps(r) + "\n" for r in rows if r["temperature"] == 0.7))
+    with pytest.raises(ThinkforgeError, match=r"legacy\.jsonl: its 8 rows .* \(temperature 0\.7 -> 0\.5\)"):
+        distill(cfg_for(teacher, legacy, n=2, limit=5, temperature=0.5))
+    assert not settings_path(legacy).exists()
+    assert distill(cfg_for(teacher, legacy, n=2, limit=5, temperature=0.7))["this_run"]["written"] == 2
+    assert json.loads(settings_path(legacy).read_text())["settings"]["temperature"] == 0.7

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -189,3 +190,102 @@ def test_bad_inputs(tiny_checkpoint, data_file, tmp_path):
         sft(small(tiny_checkpoint, broken, tmp_path / "b"))
     with pytest.raises(ThinkforgeError, match="grad_accum .* cannot exceed batch_size"):
         sft(small(tiny_checkpoint, data_file, tmp_path / "g", grad_accum=16))
+
+
+def test_encode_errors_name_file_and_line_and_empty_file(tiny_checkpoint, tmp_path):
+    good = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    no_reply = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "only a question"}]}
+    data = tmp_path / "data.jsonl"
+    # a blank line in between: the error names the file's line 4, not the 3rd row
+    data.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n\n" + json.dumps(no_reply) + "\n")
+    with pytest.raises(ThinkforgeError, match=r"data\.jsonl:4: conversation has no assistant turn to train on "
+                                              r"\(roles: system, user\)"):
+        sft(small(tiny_checkpoint, data, tmp_path / "a"))
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    sharegpt.write_text(json.dumps({"conversations": [{"from": "human", "value": "q"}]}) + "\n")
+    with pytest.raises(ThinkforgeError, match=r"sharegpt\.jsonl:1: conversation has no assistant turn"):
+        sft(small(tiny_checkpoint, sharegpt, tmp_path / "b"))
+    empty = tmp_path / "empty.jsonl"
+    for text in ("", "\n  \n"):
+        empty.write_text(text)
+        with pytest.raises(ThinkforgeError, match=r"empty\.jsonl: no rows \(the data file is empty\)"):
+            sft(small(tiny_checkpoint, empty, tmp_path / "c"))
+    with pytest.raises(ThinkforgeError, match=r"missing\.jsonl: file not found"):
+        sft(small(tiny_checkpoint, tmp_path / "missing.jsonl", tmp_path / "d"))
+    assert not (tmp_path / "a" / "model").exists()
+
+
+ACCELERATE_CONFIGS = Path(__file__).parent.parent / "configs" / "accelerate"
+
+
+def test_shipped_recipes_load_and_match_the_accelerate_configs():
+    """Every `--recipe` an accelerate config names is shipped, loads into SFTConfig and passes validation."""
+    import re
+
+    import yaml
+    from accelerate.utils import DeepSpeedPlugin
+
+    from thinkforge.train.sft import fill_deepspeed_micro_batch, rank_micro_batch, validate
+    from thinkforge.utils import load_config
+
+    named = {}
+    for path in sorted(ACCELERATE_CONFIGS.glob("*.yaml")):
+        for name in re.findall(r"--recipe (\S+)", path.read_text()):
+            named.setdefault(name, []).append(path)
+    assert {"sft-7b", "sft-32b"} <= set(named)
+    for name, configs in named.items():
+        cfg = load_config(SFTConfig, name, "sft", {"model": "Qwen/Qwen2.5-7B-Instruct", "data": "sft.jsonl"})
+        validate(cfg)
+        # Sky-T1: lr 1e-5, 96 conversations a step as 1 per GPU x 12 accumulation x 8 GPUs, 16k context, 3 epochs
+        # of 17k conversations, 10% warmup, cosine to 0
+        assert (cfg.lr, cfg.batch_size, cfg.grad_accum, cfg.max_len) == (1e-5, 96, 12, 16384)
+        assert cfg.steps == 3 * (17_000 // 96) and cfg.warmup_steps == cfg.steps // 10 and cfg.min_lr_ratio == 0
+        assert cfg.gradient_checkpointing and cfg.model == "Qwen/Qwen2.5-7B-Instruct" and cfg.data == "sft.jsonl"
+        for path in configs:
+            launch = yaml.safe_load(path.read_text())
+            world = launch["num_processes"]
+            assert rank_micro_batch(cfg, world) == 1
+            if launch["distributed_type"] != "DEEPSPEED":
+                continue
+            # the plugin Accelerate builds from this file: train_micro_batch_size_per_gpu starts as "auto",
+            # which `prepare(model, optimizer)` without a dataloader refuses; the trainer fills it in
+            plugin = DeepSpeedPlugin(**launch["deepspeed_config"])
+            assert plugin.is_auto("train_micro_batch_size_per_gpu")
+            fill_deepspeed_micro_batch(plugin, cfg, world)
+            assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 1
+            assert not plugin.is_auto("train_micro_batch_size_per_gpu")
+            assert plugin.deepspeed_config["gradient_accumulation_steps"] == 1  # the trainer marks the boundary
+    assert named["sft-32b"] == [ACCELERATE_CONFIGS / "ds_zero3_offload.yaml"]
+    plugin = DeepSpeedPlugin(zero_stage=3)
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 4  # an explicit value is kept
+    fill_deepspeed_micro_batch(plugin, load_config(SFTConfig, "sft-32b", "sft", {"model": "m"}), 8)
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4
+
+
+def test_two_process_accelerate_run_equals_single_process(tiny_checkpoint, data_file, tmp_path):
+    """`torchrun --nproc_per_node 2` (Accelerate, gloo on CPU) trains exactly what one process trains: each
+    rank takes half of every step's conversations, and the LR schedule built on the optimizer `prepare`
+    returned drives the update."""
+    kw = dict(steps=3, warmup_steps=1, eval_every=2)
+    single = sft(small(tiny_checkpoint, data_file, tmp_path / "single", **kw))
+    cfg = small(tiny_checkpoint, data_file, tmp_path / "ddp", **kw)
+    sets = [a for k in ("batch_size", "lr", "warmup_steps", "eval_every", "eval_examples", "save_every", "dtype",
+                        "tensorboard") for a in ("--set", f"{k}={getattr(cfg, k)}")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), "-m", "thinkforge.cli", "sft", "--model",
+                           tiny_checkpoint, "--data", str(data_file), "--out", cfg.out_dir, "--steps", "3",
+                           "--device", "cpu", *sets], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert ddp["world_size"] == 2 and single["world_size"] == 1
+    assert ddp["target_tokens"] == single["target_tokens"] and ddp["tokens"] == single["tokens"]
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("single", "ddp")}
+    assert [r["lr"] for r in rows["ddp"]] == [r["lr"] for r in rows["single"]] == pytest.approx([3e-3, 3e-3, 1.65e-3])
+    assert [r["loss"] for r in rows["ddp"]] == pytest.approx([r["loss"] for r in rows["single"]], rel=1e-5)
+    assert ddp["heldout_loss"] == pytest.approx(single["heldout_loss"], rel=1e-5)
+    assert_same_weights(weights(tmp_path / "single"), weights(tmp_path / "ddp"), atol=1e-4)

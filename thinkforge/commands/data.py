@@ -27,6 +27,9 @@ def distill_cmd(
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="Local teachers: auto, cpu, cuda...")] = "auto",
     dtype: Annotated[str, typer.Option(help="Local teachers: auto, float32, bfloat16...")] = "auto",
+    allow_settings_change: Annotated[bool, typer.Option(
+        help="Resume into an --out drawn with another teacher, temperature, top-p, max-tokens or system prompt "
+             "(mixes them; refused otherwise).")] = False,
 ) -> None:
     """Sample every problem N times from a teacher (bounded concurrency, retries, resumable output)."""
     from thinkforge.commands.train import progress_bar
@@ -40,7 +43,7 @@ def distill_cmd(
         teacher=teacher, out=out, tasks=task_list, n=n, backend=backend, concurrency=concurrency,
         max_retries=max_retries, timeout=timeout, price_in=price_in, price_out=price_out, limit=limit, split=split,
         temperature=temperature, top_p=top_p, max_tokens=max_tokens, system_prompt=system_prompt, seed=seed,
-        device=device, dtype=dtype), "distill")
+        device=device, dtype=dtype, allow_settings_change=allow_settings_change), "distill")
     with progress_bar() as bar:
         summary = distill(cfg, bar)
     t, run = summary["totals"], summary["this_run"]

@@ -25,7 +25,7 @@ from typing import Any
 
 from thinkforge.errors import ThinkforgeError
 from thinkforge.tasks.base import Problem, Task
-from thinkforge.utils import asdict, atomic_write_json, atomic_write_text, read_jsonl, run_metadata
+from thinkforge.utils import asdict, atomic_write_json, atomic_write_text, run_metadata
 
 FORMATS = ("messages", "sharegpt")
 REFORMATS = ("none", "split", "llm")
@@ -75,12 +75,13 @@ def difficulty_label(pass_rate: float) -> str:
 
 
 def load_items(path: str) -> list[Item]:
+    from thinkforge.data.conversations import numbered_rows
     from thinkforge.eval.harness import resolve_task
 
-    rows = read_jsonl(path)  # a torn line here is a real error: distill writes whole rows
+    rows = numbered_rows(path)  # a torn line here is a real error: distill writes whole rows
     items: list[Item] = []
     tasks: dict[str, Task] = {}
-    for i, row in enumerate(rows, 1):
+    for i, row in rows:
         where = f"{path}:{i}"
         prob = row.get("problem")
         if not isinstance(prob, dict):
@@ -95,7 +96,10 @@ def load_items(path: str) -> list[Item]:
         except TypeError as err:
             raise ThinkforgeError(f"{where}: field 'problem' is malformed ({err})") from None
         if problem.task not in tasks:
-            tasks[problem.task] = resolve_task(problem.task)
+            try:
+                tasks[problem.task] = resolve_task(problem.task)
+            except ThinkforgeError as err:
+                raise ThinkforgeError(f"{where}: field 'problem.task': {err}") from None
         task = tasks[problem.task]
         prompt = row.get("messages")
         if not (isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m

@@ -10,12 +10,19 @@ The output is append-only jsonl, one row per (problem id, sample index), flushed
 by a single writer thread, so a SIGKILL loses at most the row being written. Re-running the same
 command reads the file back, cuts a torn last line, and requests only the (problem, sample) pairs
 that have no row yet. Totals (tokens, cost, retries, failures) go to `<out>.summary.json`.
+
+The settings that decide how a response is drawn (teacher model, temperature, top_p, max_tokens, system
+prompt) are recorded in `<out>.settings.json` before the first row is written; resuming into a file
+drawn under other settings is refused (`allow_settings_change` appends anyway and records both), so
+one file never silently mixes two teachers or two temperatures. Which problems and how many samples
+(tasks, limit, n) may change between runs: they only add rows drawn the same way.
 """
 
 from __future__ import annotations
 
 import email.utils
 import hashlib
+import json
 import os
 import random
 import threading
@@ -57,6 +64,7 @@ class DistillConfig:
     api_key: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    allow_settings_change: bool = False  # resume into a file drawn under other settings (mixes them)
 
 
 @dataclass
@@ -144,6 +152,42 @@ def load_done(path: Path) -> dict[str, dict[str, Any]]:
                                   "use a fresh --out file")
         done.setdefault(row_key(row["problem_id"], int(row["sample"])), row)
     return done
+
+
+def settings_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".jsonl") + ".settings.json")
+
+
+def draw_settings(cfg: DistillConfig, teacher_model: str) -> dict[str, Any]:
+    """What decides how every row's response is drawn (the served model name for an HTTP teacher, so a
+    restarted server on another port still resumes)."""
+    return {"teacher": teacher_model, "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "max_tokens": cfg.max_tokens, "system_prompt": cfg.system_prompt}
+
+
+def record_settings(out: Path, settings: dict[str, Any], done: dict[str, dict[str, Any]], allow: bool) -> None:
+    """Refuses to add rows to a file whose existing rows were drawn under other settings, then records
+    `settings` beside it (before any new row). A file from before settings were recorded is checked on
+    what its rows carry (teacher, temperature)."""
+    path = settings_path(out)
+    record: dict[str, Any] = {}
+    saved = None
+    if done and path.exists():
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            saved = record["settings"]
+        except (ValueError, KeyError, TypeError):
+            raise ThinkforgeError(f"{path}: unreadable settings record; delete it to resume {out}") from None
+    elif done:
+        first = next(iter(done.values()))
+        saved = {"teacher": str(first.get("teacher", "")).rpartition("#")[2], "temperature": first.get("temperature")}
+    changed = {k: (v, settings.get(k)) for k, v in (saved or {}).items() if v != settings.get(k)}
+    if changed and not allow:
+        what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise ThinkforgeError(f"{out}: its {len(done)} rows were drawn with other settings ({what}); resuming "
+                              "would mix them. Use a fresh --out, or --allow-settings-change to append anyway")
+    previous = list(record.get("previous", [])) + ([saved] if changed else [])
+    atomic_write_json(path, {"settings": settings, "previous": previous})
 
 
 def build_jobs(cfg: DistillConfig) -> list[Job]:
@@ -358,8 +402,16 @@ def distill(cfg: DistillConfig, progress: Any = None) -> dict[str, Any]:
                 f"distill {run_tokens['out']:,} tok out, ${run_tokens['cost']:.4f}"
                 + (f", {stats['retries']} retries" if stats["retries"] else "")))
 
-    if pending and backend == "openai":
-        teacher = OpenAITeacher(cfg)
+    teacher = OpenAITeacher(cfg) if pending and backend == "openai" else None
+    if pending:
+        try:
+            record_settings(out, draw_settings(cfg, teacher.model if teacher else cfg.teacher), done,
+                            cfg.allow_settings_change)
+        except ThinkforgeError:
+            if teacher is not None:
+                teacher.close()
+            raise
+    if teacher is not None:
         stop = threading.Event()
         teacher_name = f"{cfg.teacher.partition('#')[0]}#{teacher.model}"
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from thinkforge.data.conversations import SHAREGPT_ROLES, normalize_conversation, numbered_rows
 from thinkforge.data.packing import IGNORE, pack, target_tokens
 from thinkforge.errors import ThinkforgeError
 from thinkforge.train.common import (
@@ -48,11 +49,10 @@ from thinkforge.utils import (
     seed_everything,
 )
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 Example = tuple[list[int], list[int]]
 
-__all__ = ["IGNORE", "SFTConfig", "collate", "encode", "normalize_conversation", "sft"]
+__all__ = ["IGNORE", "SHAREGPT_ROLES", "SFTConfig", "collate", "encode", "normalize_conversation", "sft"]
 
 
 @dataclass
@@ -94,49 +94,40 @@ class SFTConfig:
 
 # ---------------------------------------------------------------- data
 
-def normalize_conversation(row: dict[str, Any], where: str) -> list[dict[str, str]]:
-    """OpenAI `messages` or ShareGPT `conversations` -> [{"role", "content"}]."""
-    if "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            raise ThinkforgeError(f"{where}: field 'messages' must be a list of {{role, content}}")
-        return [{"role": m["role"], "content": str(m["content"])} for m in msgs]
-    if "conversations" in row:
-        if not isinstance(row["conversations"], list):
-            raise ThinkforgeError(f"{where}: field 'conversations' must be a list of {{from, value}}")
-        out = []
-        if isinstance(row.get("system"), str) and row["system"]:
-            out.append({"role": "system", "content": row["system"]})
-        for turn in row["conversations"]:
-            role = SHAREGPT_ROLES.get(turn.get("from", "")) if isinstance(turn, dict) else None
-            if role is None or "value" not in turn:
-                raise ThinkforgeError(f"{where}: ShareGPT turn needs from in {sorted(SHAREGPT_ROLES)} and value")
-            out.append({"role": role, "content": str(turn["value"])})
-        return out
-    raise ThinkforgeError(f"{where}: row has neither 'messages' nor 'conversations'")
+Sourced = tuple[str, list[dict[str, str]]]  # (where from: "file:line" or "task NAME problem ID", conversation)
 
 
-def task_conversations(cfg: SFTConfig, split: str, n: int) -> list[list[dict[str, str]]]:
+def task_conversations(cfg: SFTConfig, split: str, n: int) -> list[Sourced]:
     from thinkforge.tasks import get_task
 
     convs = []
     for name in cfg.tasks:
         task = get_task(name)
         for p in task.problems(split, n=n, seed=cfg.seed):
-            convs.append(task.messages(p, cfg.system_prompt) + [{"role": "assistant", "content": p.solution}])
+            convs.append((f"task {name} problem {p.id}",
+                          task.messages(p, cfg.system_prompt) + [{"role": "assistant", "content": p.solution}]))
     random.Random(cfg.seed).shuffle(convs)
     return convs
 
 
-def encode(conv: list[dict[str, str]], tokenizer: Any, max_len: int) -> Example:
-    """(input_ids, labels) with labels = IGNORE everywhere but assistant replies (+ their end token)."""
+def _template(tokenizer: Any, conv: list[dict[str, str]], where: str, **kw: Any) -> str:
+    try:
+        return tokenizer.apply_chat_template(conv, tokenize=False, **kw)
+    except Exception as err:  # noqa: BLE001 - jinja raises its own types (e.g. roles that must alternate)
+        raise ThinkforgeError(f"{where}: the tokenizer's chat template rejects this conversation "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def encode(conv: list[dict[str, str]], tokenizer: Any, max_len: int, where: str = "conversation") -> Example:
+    """(input_ids, labels) with labels = IGNORE everywhere but assistant replies (+ their end token).
+    `where` ("file:line") prefixes the error for a conversation that cannot be trained on."""
     ids: list[int] = []
     labels: list[int] = []
     for i, msg in enumerate(conv):
         if msg["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(conv[:i], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(conv[: i + 1], tokenize=False)
+        prompt = _template(tokenizer, conv[:i], where, add_generation_prompt=True)
+        full = _template(tokenizer, conv[: i + 1], where)
         rendered = tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
         context = tokenizer(prompt[len(rendered):], add_special_tokens=False)["input_ids"]
         reply_text = full[len(prompt):]
@@ -147,7 +138,8 @@ def encode(conv: list[dict[str, str]], tokenizer: Any, max_len: int) -> Example:
         ids += context + reply + tail
         labels += [IGNORE] * len(context) + reply + [IGNORE] * len(tail)
     if not any(label != IGNORE for label in labels):
-        raise ThinkforgeError("conversation has no assistant turn to train on")
+        raise ThinkforgeError(f"{where}: conversation has no assistant turn to train on (roles: "
+                              f"{', '.join(m['role'] for m in conv) or 'none'})")
     return ids[:max_len], labels[:max_len]
 
 
@@ -218,18 +210,18 @@ def eval_loss(model: Any, examples: list[Example], pad_id: int, bs: int, device:
 
 def load_examples(cfg: SFTConfig, tokenizer: Any) -> tuple[list[Example], list[Example]]:
     if cfg.data:
-        rows = read_jsonl(cfg.data)
+        rows = numbered_rows(cfg.data)
         if not rows:
-            raise ThinkforgeError(f"{cfg.data}: no rows")
-        convs = [normalize_conversation(r, f"{cfg.data}:{i + 1}") for i, r in enumerate(rows)]
+            raise ThinkforgeError(f"{cfg.data}: no rows (the data file is empty)")
+        convs = [(f"{cfg.data}:{line}", normalize_conversation(r, f"{cfg.data}:{line}")) for line, r in rows]
         random.Random(cfg.seed).shuffle(convs)
         n_eval = min(cfg.eval_examples, len(convs) // 10)
         train, held = convs[n_eval:], convs[:n_eval]
     else:
         train = task_conversations(cfg, "train", cfg.examples_per_task)
         held = task_conversations(cfg, "heldout", max(1, cfg.eval_examples // len(cfg.tasks)))
-    enc = [encode(c, tokenizer, cfg.max_len) for c in train]
-    return enc, [encode(c, tokenizer, cfg.max_len) for c in held]
+    enc = [encode(c, tokenizer, cfg.max_len, where) for where, c in train]
+    return enc, [encode(c, tokenizer, cfg.max_len, where) for where, c in held]
 
 
 def batch_indices(n: int, batch_size: int, seed: int, index: int) -> list[int]:
@@ -255,6 +247,19 @@ def distributed_launch() -> bool:
     env = os.environ
     return (int(env.get("WORLD_SIZE", "1")) > 1 or env.get("ACCELERATE_USE_FSDP", "").lower() == "true"
             or env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true")
+
+
+def rank_micro_batch(cfg: SFTConfig, world: int) -> int:
+    """Conversations one rank takes per micro-batch (`step_micro_batches` split over `world` ranks)."""
+    return max(1, math.ceil(math.ceil(cfg.batch_size / cfg.grad_accum) / world))
+
+
+def fill_deepspeed_micro_batch(plugin: Any, cfg: SFTConfig, world: int) -> None:
+    """DeepSpeed needs `train_micro_batch_size_per_gpu`; Accelerate derives an "auto" one from a dataloader,
+    which this trainer does not pass to `prepare`, so it is set to the per-rank micro-batch. An explicit
+    value in the config is kept."""
+    if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = rank_micro_batch(cfg, world)
 
 
 def resolve_precision(cfg: SFTConfig, device: str) -> str:
@@ -479,14 +484,23 @@ def sft(cfg: SFTConfig, progress: Any = None) -> dict[str, Any]:
     packing = cfg.packing and not mtp_weight
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_lr(s, cfg.steps, 1.0, cfg.warmup_steps, cfg.min_lr_ratio))
     fp = fingerprint(cfg, model)
     rank, world = 0, 1
     if acc is not None:
-        # The scheduler stays unprepared: Accelerate's wrapper would step it once per process.
-        model, optimizer = acc.prepare(model, optimizer)
         rank, world = acc.process_index, acc.num_processes
+        smallest = min(len(m) for m in step_micro_batches(cfg, len(train), 0))
+        if smallest < world:  # a rank with nothing to run would stall the others' collectives
+            raise ThinkforgeError(f"sft: batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum} leaves a micro-batch "
+                                  f"of {smallest} conversations for {world} processes; each needs one")
+        fill_deepspeed_micro_batch(getattr(acc.state, "deepspeed_plugin", None), cfg, world)
+        model, optimizer = acc.prepare(model, optimizer)
+    deepspeed = acc is not None and getattr(acc.state, "deepspeed_plugin", None) is not None
+    eval_bs = rank_micro_batch(cfg, world)  # held-out batches no bigger than a training micro-batch (memory)
+    # Built on the optimizer `prepare` returned (DeepSpeed with CPU offload swaps in its own CPU Adam, so
+    # a scheduler on the original would move nothing), and left unprepared: Accelerate's scheduler
+    # wrapper would step it once per process.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_lr(s, cfg.steps, 1.0, cfg.warmup_steps, cfg.min_lr_ratio))
     precision = "no" if acc is not None else resolve_precision(cfg, str(device))
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     device_type = torch.device(device).type
@@ -507,7 +521,7 @@ def sft(cfg: SFTConfig, progress: Any = None) -> dict[str, Any]:
         # accumulated gradient equals the gradient of the mean loss over the full batch.
         n_target = max(1, sum(target_tokens(train[i]) for m in micros for i in m))
         total, real_tokens = 0.0, 0
-        for micro in micros:
+        for j, micro in enumerate(micros):
             mine = micro[rank::world]
             if not mine:
                 continue
@@ -516,6 +530,8 @@ def sft(cfg: SFTConfig, progress: Any = None) -> dict[str, Any]:
             with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss_sum = token_losses(model, batch, mtp_weight).sum()
             scaled = loss_sum * (world / n_target)
+            if deepspeed:  # its engine steps inside backward at an accumulation boundary: the last micro-batch
+                acc.sync_gradients = j == len(micros) - 1
             acc.backward(scaled) if acc is not None else scaled.backward()
             total += loss_sum.item() / n_target
             real_tokens += sum(len(train[i][0]) for i in mine)
@@ -538,7 +554,7 @@ def sft(cfg: SFTConfig, progress: Any = None) -> dict[str, Any]:
         row = {"loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
                "tokens_per_s": round(real_tokens / dt, 1) if dt > 0 else None}
         if held and (state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps):
-            row["heldout_loss"] = eval_loss(model, held, pad_id, cfg.batch_size, device, packing)
+            row["heldout_loss"] = eval_loss(model, held, pad_id, eval_bs, device, packing)
         if log is not None:
             log.log(state["step"], **row)
         if task is not None:
@@ -548,7 +564,7 @@ def sft(cfg: SFTConfig, progress: Any = None) -> dict[str, Any]:
             save_sft_checkpoint(out_dir, model, optimizer, scheduler, state, fp, acc)
     if log is not None:
         log.close()
-    heldout = eval_loss(model, held, pad_id, cfg.batch_size, device, packing) if held else None
+    heldout = eval_loss(model, held, pad_id, eval_bs, device, packing) if held else None
     wall = time.time() - t0
     path = save_final(cfg, out_dir, model, tokenizer, acc)
     summary = {
