@@ -110,8 +110,11 @@ def test_grad_accum_and_packing_give_the_same_training(tiny_checkpoint, data_fil
     s3 = sft(small(tiny_checkpoint, data_file, tmp_path / "c", steps=3, packing=False))
     assert s1["target_tokens"] == s2["target_tokens"] == s3["target_tokens"] > 0
     assert s1["tokens"] == s3["tokens"]
-    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"), atol=1e-5)
-    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "c"), atol=1e-5)
+    # Adam divides each gradient element by its own scale, so summation-order noise in a near-zero element
+    # can move that weight by a visible fraction of lr (3e-3 a step); 3e-5 is 1% of one step's update, far
+    # below what a wrong mask or normaliser does (whole-lr differences across many weights).
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"), atol=3e-5)
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "c"), atol=3e-5)
     # and training moved the weights
     base = load_file(Path(tiny_checkpoint) / "model.safetensors")
     assert any(not torch.allclose(base[k], v) for k, v in weights(tmp_path / "a").items() if k in base)
