@@ -96,6 +96,28 @@ def test_rl_raises_reward_on_a_micro_model(micro, tmp_path):
     assert set(summary["accuracy"]) == {"arith"}
 
 
+def test_speculative_rollouts_keep_log_probs_and_mtp_layers_stay_frozen(tmp_path):
+    """Rollouts decoded with MTP drafts (speculative sampling) report the main model's log-probs, so the
+    trainer agrees with them; RL updates the main model and leaves the MTP layers as they were (MiMo)."""
+    from safetensors.torch import load_file
+
+    from thinkforge.train.pretrain import PretrainConfig, pretrain
+
+    base = pretrain(PretrainConfig(out_dir=str(tmp_path / "pre"), model_size="micro", steps=4, batch_size=4,
+                                   seq_len=64, docs_per_stage=200, eval_docs=16, eval_every=2, save_every=100,
+                                   warmup_steps=1, mtp_layers=1))["model_dir"]
+    summary = rl(_cfg(base, tmp_path / "run", steps=2, batch_groups=2, mini_batch_groups=1, speculative="mtp",
+                      num_draft=1, save_every=100))
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "logprob_drift" in r]
+    assert rows and all(r["logprob_drift"] < 1e-3 for r in rows)
+    before, after = load_file(Path(base) / "model.safetensors"), load_file(Path(summary["model_dir"]) / "model.safetensors")
+    mtp = [k for k in before if ".mtp_layers." in k]
+    assert mtp and all(torch.equal(before[k], after[k]) for k in mtp)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k not in mtp)
+    with pytest.raises(ThinkforgeError, match="num_draft 2 > the checkpoint's 1"):
+        rl(_cfg(base, tmp_path / "bad", speculative="mtp", num_draft=2))
+
+
 def test_on_policy_mode_is_one_plain_update(micro, tmp_path):
     rl(_cfg(micro, tmp_path / "run", steps=1, batch_groups=2, mini_batch_groups=1, on_policy=True))
     row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]

@@ -106,6 +106,8 @@ class RLConfig:
     engine_dtype: str = "auto"  # rollout weights (bf16 on GPUs)
     system_prompt: str | None = None
     train_mtp: bool = False  # MiMo keeps MTP layers frozen during RL (they still draft for speculative rollouts)
+    speculative: str | None = None  # "mtp": rollouts decode with the checkpoint's MTP layers drafting
+    num_draft: int = 1  # draft tokens per verify step (<= the checkpoint's MTP layers)
 
     def check(self) -> None:
         if not self.model:
@@ -320,8 +322,10 @@ def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
     router.restore(cfg.tasks)
     model.train()
     engine_model = copy.deepcopy(model).requires_grad_(False)
+    # Speculative sampling keeps the main model's distribution and log-probs, so the objective is unchanged.
     engine = LLMEngine(engine_model, tokenizer, max_batch_size=cfg.engine_max_batch, seed=cfg.seed,
-                       dtype=resolve_dtype(cfg.engine_dtype, device))
+                       dtype=resolve_dtype(cfg.engine_dtype, device), speculative=cfg.speculative,
+                       num_draft=cfg.num_draft)
     rollout = SeamlessRollout(engine, router, tasks, RolloutConfig(
         group_size=cfg.group_size, max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         continuous=cfg.continuous, async_reward=cfg.async_reward, early_termination=cfg.early_termination,
