@@ -13,6 +13,8 @@ call, and `update` writes there and returns the keys/values the attention should
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -124,3 +126,15 @@ class SlotKVCache(Cache):
         out = buf.new_zeros((buf.shape[0], buf.shape[1], new_cap, buf.shape[3]))
         out[:, :, : buf.shape[2]] = buf
         return out
+
+
+@functools.cache
+def _cache_kwarg_name(module_cls: type) -> str:
+    params = inspect.signature(module_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(module: Any, cache: Any) -> dict[str, Any]:
+    """`{name: cache}` for a HF model or decoder layer's forward: transformers 5.2x renamed `past_key_values`
+    to `cache` (the old name is deprecated there, removed in 5.40); older versions only know the old one."""
+    return {_cache_kwarg_name(type(module)): cache}

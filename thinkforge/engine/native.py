@@ -29,7 +29,7 @@ import torch
 
 from thinkforge.engine.base import Completion, SamplingParams
 from thinkforge.engine.fastpath import LeanDecoder
-from thinkforge.engine.kvcache import SlotKVCache
+from thinkforge.engine.kvcache import SlotKVCache, cache_kwargs
 from thinkforge.engine.sampling import RowSampling, make_generator, sample_rows
 from thinkforge.errors import ThinkforgeError
 
@@ -335,8 +335,8 @@ class LLMEngine:
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         if self._lean is not None:
             return self._lean.forward(input_ids, mask, position_ids, self.cache)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                         logits_to_keep=1, **cache_kwargs(self.model, self.cache))
         return out.logits[:, -1, :]
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from thinkforge.engine.fastpath import LeanDecoder, rotate_half
-from thinkforge.engine.kvcache import SlotKVCache
+from thinkforge.engine.kvcache import SlotKVCache, cache_kwargs
 from thinkforge.engine.sampling import RowSampling
 from thinkforge.errors import ThinkforgeError
 
@@ -175,8 +175,8 @@ class MTPSpeculator:
         """Final-norm hidden states of every input position, [B, T, H] (cache plan set by the caller)."""
         inner = self.inner
         if self.lean is None:
-            out = inner(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                        past_key_values=self.engine.cache, use_cache=True)
+            out = inner(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                        **cache_kwargs(inner, self.engine.cache))
             return out.last_hidden_state
         x = inner.embed_tokens(input_ids)
         cos, sin = inner.rotary_emb(x, position_ids)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from thinkforge.engine.kvcache import cache_kwargs
 from thinkforge.errors import ThinkforgeError
 
 PREFIX = "model.mtp_layers."
@@ -149,8 +150,8 @@ def mtp_layer_forward(layer: nn.Module, prev_hidden: torch.Tensor, token_embeds:
     # Zeroed at position 0, as vLLM does for MiMo's weights (RMSNorm of zeros is zeros).
     token_embeds = token_embeds.masked_fill((position_ids == 0)[..., None], 0.0)
     x = layer.input_proj(torch.cat([layer.hidden_layernorm(prev_hidden), layer.token_layernorm(token_embeds)], -1))
-    out = layer(x, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-                use_cache=past_key_values is not None, position_embeddings=position_embeddings)
+    out = layer(x, attention_mask=attention_mask, position_ids=position_ids, use_cache=past_key_values is not None,
+                position_embeddings=position_embeddings, **cache_kwargs(layer, past_key_values))
     if isinstance(out, tuple):  # older decoder layers return (hidden, ...)
         out = out[0]
     return layer.final_layernorm(out)
