@@ -74,3 +74,17 @@ def test_openai_backend_evaluation(server_url, tmp_path):
     assert summary["truncation_rate"] == 0.0 and summary["length_tokens"] == {}  # the API gives no token ids
     rows = [json.loads(x) for x in (tmp_path / "arith/samples.jsonl").read_text().splitlines()]
     assert len(rows) == 15 and {r["reason"] for r in rows if r["sample_index"] == 1} == {"wrong_answer"}
+
+
+def test_eval_cli_takes_a_url_as_an_openai_endpoint(server_url, tmp_path):
+    """`thinkforge eval --model URL` needs no --backend: a URL is an OpenAI-compatible endpoint (as in distill)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "thinkforge.cli", "eval", "--model", server_url, "--task", "arith",
+                           "--n", "2", "--limit", "3", "--max-tokens", "32", "--output", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "arith" / "summary.json").read_text())
+    assert summary["config"]["backend"] == "openai" and summary["n_problems"] == 3
+    assert summary["accuracy"] == pytest.approx(0.5)  # sample 0 right, sample 1 off by one

@@ -48,7 +48,8 @@ def eval_cmd(
                                            "gpqa_diamond,livecodebench,mmlu_pro or a synthetic task (arith, code).")],
     output: Annotated[Path, typer.Option(help="Result directory; results go to OUTPUT/<task>/ (reruns resume).")],
     model: Annotated[str | None, typer.Option(help="Model dir / hub id, or base URL (URL#model) for --backend openai.")] = None,
-    backend: Annotated[str, typer.Option(help="native | hf | openai | vllm")] = "native",
+    backend: Annotated[str, typer.Option(help="auto (openai for an http(s) URL, else native) | native | hf | "
+                                              "openai | vllm")] = "auto",
     responses: Annotated[Path | None, typer.Option(help="Re-score existing responses: jsonl rows "
                                                         "{problem_id, response} instead of generating.")] = None,
     n: Annotated[int, typer.Option(help="Samples per problem.")] = 1,
@@ -89,6 +90,9 @@ def eval_cmd(
         if model is None:
             raise ThinkforgeError("--model is required to generate (or pass --responses to re-score)")
         from thinkforge.engine.base import SamplingParams, get_backend
+
+        if backend == "auto":  # as distill's --teacher: a URL is an OpenAI-compatible endpoint
+            backend = "openai" if model.startswith(("http://", "https://")) else "native"
 
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, n=n,
                                 seed=seed).validate()
