@@ -47,7 +47,8 @@ def test_code_tddr_strict_soft_and_levels_from_population():
     for _ in range(8):
         strict.commit(p, r)
     assert strict.levels(p) == [0, 0, 2, 0, 0]
-    assert strict(p, no_edge).reward == pytest.approx(2 / 3)  # levels 0 and (empty) 1 pass, level 2 fails
+    # Two levels have tests (0 and 2; level 1 is empty and pays nothing): level 0 passes, level 2 fails.
+    assert strict(p, no_edge).reward == pytest.approx(1 / 2)
     state = strict.state_dict()
     fresh = get_reward("code_tddr", mode="strict")
     fresh.load_state_dict(state)

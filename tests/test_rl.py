@@ -118,6 +118,35 @@ def test_speculative_rollouts_keep_log_probs_and_mtp_layers_stay_frozen(tmp_path
         rl(_cfg(base, tmp_path / "bad", speculative="mtp", num_draft=2))
 
 
+@pytest.mark.parametrize("opts", [
+    {"overlong": "mask"}, {"overlong": "penalty", "overlong_buffer": 4}, {"loss_agg": "sequence"},
+    {"kl_coef": 0.5}, {"old_logprobs": "trainer"}, {"std_normalize": False}, {"ppo_epochs": 2},
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_objective_options_train(micro, tmp_path, opts):
+    rl(_cfg(micro, tmp_path / "run", steps=1, batch_groups=2, mini_batch_groups=1, max_tokens=8, save_every=100,
+            **opts))
+    row = next(r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "updates" in r)
+    assert row["updates"] == 2 * opts.get("ppo_epochs", 1) and row["loss"] == row["loss"]  # finite, not NaN
+    assert row["logprob_drift"] < 1e-3
+    if "kl_coef" in opts:  # the second update's policy has left the frozen reference
+        assert row["kl"] > 0
+    else:
+        assert row["kl"] == 0.0
+    if opts.get("overlong") == "mask":  # 8 tokens cut most answers short: they leave the loss, not the baseline
+        assert row["truncated_frac"] > 0
+
+
+def test_a_failing_reward_is_scored_zero_with_its_reason_logged(micro, tmp_path):
+    cfg = _cfg(micro, tmp_path / "run", steps=2, rewards={"arith": "test_raises"}, max_degenerate_steps=2,
+               max_slots_factor=1.0)
+    with pytest.warns(RuntimeWarning, match="no valid group"):
+        summary = rl(cfg)
+    assert summary["steps"] == 2 and Path(summary["model_dir"], "config.json").exists()
+    groups = [g for row in read_jsonl(tmp_path / "run" / "rollouts.jsonl") for g in row["groups"]]
+    assert groups and all(g["rewards"] == [0.0] * 4 for g in groups)
+    assert all(e.startswith("reward_error: test_raises") for g in groups for e in g["reward_errors"])
+
+
 def test_on_policy_mode_is_one_plain_update(micro, tmp_path):
     rl(_cfg(micro, tmp_path / "run", steps=1, batch_groups=2, mini_batch_groups=1, on_policy=True))
     row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]

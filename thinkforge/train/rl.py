@@ -353,7 +353,11 @@ def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
                     router.commit(g.slot.problem, s.reward)
             append_jsonl(out_dir / "rollouts.jsonl", {"step": step, "groups": [
                 {"problem": g.slot.problem.id, "slot": g.slot.index, "source": g.slot.source,
-                 "rewards": [round(r, 4) for r in g.rewards], "selected": g in res.selected} for g in res.groups]})
+                 "rewards": [round(r, 4) for r in g.rewards], "selected": g in res.selected,
+                 # why a reward function failed (raised, timed out, returned junk): scored 0, run goes on
+                 **({"reward_errors": errs} if (errs := [s.reward.reason[:300] for s in g.samples
+                                                          if s.reward.reason.startswith("reward_")]) else {})}
+                for g in res.groups]})
             row: dict[str, Any] = {"lr": lr, **res.stats, **_step_metrics(res.groups, res.selected),
                                    **sampler.summary()}
             t_train = time.perf_counter()
