@@ -7,6 +7,12 @@ differ. Each row collects `--steps` rollout batches (no training: rollout is wha
 
 Prints a table (steps/s, idle ratio, generator idle on rewards, waste, speed-up) and writes JSON.
 Without --model a micro model is pretrained for a few steps (numbers then only show the mechanics).
+
+Cores (`--cores`): MiMo generates on GPUs and computes rewards on the host CPUs, so generation and rewards
+can overlap. On a CPU-only box they compete for the same cores and overlap buys nothing. `split` (the default,
+needs 2+ CPUs) emulates MiMo's layout: generation runs on one core (torch 1 thread, main thread pinned), every
+reward computation (and the sandboxes it starts, which inherit the pinning) on the others, in every mode
+alike. `shared` lets both use every core (what a CPU-only RL run gets).
 """
 
 from __future__ import annotations
@@ -20,6 +26,39 @@ MODES = [("naive", (False, False, False)), ("+continuous", (True, False, False))
          ("+async reward", (True, True, False)), ("+early termination", (True, True, True))]
 
 
+class PinnedReward:
+    """A reward run with the calling thread pinned to `cores` (processes it starts inherit that)."""
+
+    def __init__(self, inner: str, cores: list[int], **options: object) -> None:
+        from thinkforge.rewards.base import get_reward
+
+        self.fn, self.cores = get_reward(inner, **options), set(cores)
+
+    def __call__(self, problem: object, response: str) -> object:
+        import os
+
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, self.cores)
+        try:
+            return self.fn(problem, response)
+        finally:
+            os.sched_setaffinity(0, before)
+
+
+def split_cores() -> tuple[int, list[int]]:
+    """(generation core, reward cores); pins this thread and torch to the generation core."""
+    import os
+
+    import torch
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit("--cores split needs at least 2 CPUs; use --cores shared")
+    os.sched_setaffinity(0, {cores[0]})
+    torch.set_num_threads(1)
+    return cores[0], cores[1:]
+
+
 def run_mode(args: argparse.Namespace, flags: tuple[bool, bool, bool]) -> dict:
     from thinkforge.engine.loading import load_model_and_tokenizer
     from thinkforge.engine.native import LLMEngine
@@ -29,7 +68,14 @@ def run_mode(args: argparse.Namespace, flags: tuple[bool, bool, bool]) -> dict:
 
     model, tok = load_model_and_tokenizer(args.model, args.device, "float32")
     engine = LLMEngine(model, tok, max_batch_size=args.engine_batch, seed=args.seed)
-    routes = {args.task: {"name": args.reward, **({"mode": "soft"} if args.reward == "code_tddr" else {})}}
+    route = {"name": args.reward, **({"mode": "soft"} if args.reward == "code_tddr" else {})}
+    if args.reward_cores:
+        from thinkforge.rewards.base import REWARDS
+
+        REWARDS.setdefault("bench_pinned", PinnedReward)
+        route = {"name": "bench_pinned", "inner": args.reward, "cores": args.reward_cores,
+                 **{k: v for k, v in route.items() if k != "name"}}
+    routes = {args.task: route}
     router = RewardRouter(routes, workers=args.reward_workers, timeout_s=60)
     cont, asy, et = flags
     task = get_task(args.task)
@@ -74,8 +120,14 @@ def main() -> None:
     ap.add_argument("--max-slots-factor", type=float, default=8.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cores", choices=["split", "shared"], default="split",
+                    help="split: generation on one core, rewards on the others (MiMo's GPU/CPU layout)")
     ap.add_argument("--out", default="benchmarks/results/rollout_ablation.json")
     args = ap.parse_args()
+    args.reward_cores = None
+    if args.cores == "split":
+        gen_core, args.reward_cores = split_cores()
+        print(f"generation on core {gen_core}, rewards on cores {args.reward_cores}", flush=True)
     if args.model is None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from tests.test_rl_support import micro_model
