@@ -70,7 +70,8 @@ def test_rollout_ablation_same_batches_in_every_mode(micro, tmp_path):
     out = tmp_path / "r.json"
     run_script("rollout_ablation.py", "--model", micro, "--task", "arith", "--reward", "math", "--steps", "1",
                "--batch-groups", "2", "--group-size", "4", "--max-tokens", "12", "--engine-batch", "16",
-               "--max-slots-factor", "3", "--out", str(out))
+               "--max-slots-factor", "3", "--cores", "split" if len(os.sched_getaffinity(0)) > 1 else "shared",
+               "--out", str(out))
     res = json.loads(out.read_text())
     assert list(res["rows"]) == ["naive", "+continuous", "+async reward", "+early termination"]
     assert res["same_batches"] is True and res["speedup"] > 0
