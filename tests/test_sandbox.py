@@ -112,3 +112,16 @@ def test_installed_packages_are_importable_read_only():
     assert statuses(run_code(code, [{"stdin": "", "stdout": "45"}])) == ["passed"]
     r = run_code("import thinkforge\n", [{"stdin": "", "stdout": ""}])[0]
     assert r.status == "runtime_error" and "ModuleNotFoundError" in r.detail
+
+
+def test_bwrap_mounts_tmp_before_the_python_binds():
+    """A Python installed under /tmp (a CI checkout there) must be bound on top of the sandbox's /tmp
+    tmpfs, not hidden by it (bwrap applies mounts in order); /tmp stays world-writable (1777)."""
+    from thinkforge.verify.sandbox import _bwrap_argv
+
+    argv = _bwrap_argv(root=True)
+    assert argv.index("--tmpfs") < argv.index("--ro-bind")
+    assert argv[argv.index("--tmpfs") - 4: argv.index("--tmpfs") + 2] == ["--perms", "1777", "--size",
+                                                                          str(256 << 20), "--tmpfs", "/tmp"]
+    chmods = [argv[i + 2] for i, a in enumerate(argv) if a == "--chmod"]
+    assert "/tmp" not in chmods

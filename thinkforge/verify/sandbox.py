@@ -100,6 +100,10 @@ def _bwrap_argv(root: bool) -> list[str]:
         argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         argv += ["--unshare-user", "--uid", "65534", "--gid", "65534"]
+    # /tmp is the program's writable scratch space (a tmpfs of its own, size-capped, world-writable because
+    # the harness drops to another uid); each test runs in a fresh sub-directory of it. Mounted before the
+    # binds: a Python installed under /tmp (a CI checkout there) is bound on top of it, not hidden by it.
+    argv += ["--perms", "1777", "--size", str(256 << 20), "--tmpfs", "/tmp"]
     binds = ["/usr"] + [d for d in ("/lib", "/lib64", "/lib32", "/bin", "/sbin")
                         if os.path.isdir(d) and not os.path.islink(d)]
     binds += [d for d in dirs if not any(d == b or d.startswith(b + "/") for b in binds)]
@@ -110,11 +114,8 @@ def _bwrap_argv(root: bool) -> list[str]:
             argv += ["--symlink", os.readlink(d), d]
     # bwrap creates the parents of bind targets (/root for a pyenv Python) with restrictive modes; the
     # unprivileged uid must be able to traverse them.
-    parents = sorted({str(p) for d in binds for p in Path(d).parents if str(p) != "/"} - set(binds))
-    # /tmp is the program's writable scratch space (a tmpfs of its own, size-capped, world-writable because
-    # the harness drops to another uid); each test runs in a fresh sub-directory of it.
-    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", str(256 << 20), "--tmpfs", "/tmp",
-             "--chdir", "/tmp"]
+    parents = sorted({str(p) for d in binds for p in Path(d).parents if str(p) != "/"} - set(binds) - {"/tmp"})
+    argv += ["--proc", "/proc", "--dev", "/dev", "--chdir", "/tmp"]
     for p in parents:
         argv += ["--chmod", "0755", p]
     for key, value in ENV.items():
