@@ -58,7 +58,9 @@ def test_code_tddr_strict_soft_and_levels_from_population():
 def test_router_routes_mixed_tasks_and_survives_broken_rewards():
     arith = get_task("arith").problems("train", n=1, seed=0)[0]
     code = _code_problem("affine")
-    router = RewardRouter({"code": [{"name": "code_tddr", "mode": "soft"}]}, workers=2, timeout_s=0.5)
+    # A generous timeout here: the first code reward may start a sandbox (seconds on a loaded machine);
+    # the timeout path is the `broken` router's below.
+    router = RewardRouter({"code": [{"name": "code_tddr", "mode": "soft"}]}, workers=2, timeout_s=30.0)
     try:
         assert router.route("arith")[0][0] == "math"  # by task kind
         assert router.score(arith, f"\\boxed{{{arith.answer}}}").reward == 1.0
