@@ -96,6 +96,19 @@ class Backend(ABC):
 BACKENDS: dict[str, Callable[..., Backend]] = {}
 
 
+def model_vocab_size(model: Any, tokenizer: Any = None) -> int:
+    """How many token ids `model` accepts: its input-embedding rows (may exceed len(tokenizer) when padded)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    return int(rows) if rows else len(tokenizer)
+
+
+def out_of_vocab(ids: list[int], vocab_size: int) -> int | None:
+    """The first id outside 0..vocab_size-1 (None if all fit): caught before a forward pass, where it would
+    fail the whole shared batch."""
+    return next((t for t in ids if not 0 <= t < vocab_size), None)
+
+
 def register_backend(name: str) -> Callable[[Callable[..., Backend]], Callable[..., Backend]]:
     def deco(factory: Callable[..., Backend]) -> Callable[..., Backend]:
         BACKENDS[name] = factory

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from thinkforge.engine.base import Completion, SamplingParams
+from thinkforge.engine.base import Completion, SamplingParams, model_vocab_size, out_of_vocab
 from thinkforge.engine.fastpath import LeanDecoder
 from thinkforge.engine.kvcache import SlotKVCache, cache_kwargs
 from thinkforge.engine.sampling import RowSampling, make_generator, sample_rows
@@ -94,7 +94,7 @@ class LLMEngine:
         ctx = getattr(cfg, "max_position_embeddings", None) or max_model_len or 4096
         self.max_model_len = min(ctx, max_model_len) if max_model_len else ctx
         self.max_batch_size = max_batch_size
-        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        self.vocab_size = model_vocab_size(model, tokenizer)
         self.max_prefill_tokens = max_prefill_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -137,8 +137,8 @@ class LLMEngine:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ThinkforgeError("prompt is empty (no tokens)")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:  # caught here, not inside step() where it would fail every running request
+        bad = out_of_vocab(ids, self.vocab_size)
+        if bad is not None:
             raise ThinkforgeError(f"prompt token id {bad} is out of range 0..{self.vocab_size - 1}")
         if len(ids) >= self.max_model_len:
             raise ThinkforgeError(f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "

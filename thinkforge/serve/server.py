@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from thinkforge.engine.backends import apply_chat_template
-from thinkforge.engine.base import Completion, SamplingParams
+from thinkforge.engine.base import Completion, SamplingParams, model_vocab_size, out_of_vocab
 from thinkforge.errors import ThinkforgeError
 from thinkforge.serve import protocol as P
 
@@ -52,7 +52,7 @@ class _Generator:
             raise ThinkforgeError("serve: --speculative needs --backend native")
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
         self.backend = cfg.backend
-        self.vocab_size = _vocab_size(model, self.tokenizer)
+        self.vocab_size = model_vocab_size(model, self.tokenizer)
         if cfg.backend == "native":
             from thinkforge.engine.native import LLMEngine
             from thinkforge.engine.runner import EngineLoop
@@ -79,8 +79,8 @@ class _Generator:
         if len(ids) >= self.max_model_len:
             raise P.RequestError(f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens",
                                  param=param, code="context_length_exceeded")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:  # would fail inside the shared engine step, taking every in-flight request down
+        bad = out_of_vocab(ids, self.vocab_size)
+        if bad is not None:
             raise P.RequestError(f"token id {bad} is out of range; this model's vocabulary has ids 0.."
                                  f"{self.vocab_size - 1}", param=param)
 
@@ -217,13 +217,6 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         return P.chat_response(name, group, tok, params.logprobs, len(ids))
 
     return app
-
-
-def _vocab_size(model: Any, tok: Any) -> int:
-    """How many token ids the model accepts: its input embedding rows (may exceed len(tokenizer) when padded)."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(emb, "num_embeddings", None)
-    return int(rows) if rows else len(tok)
 
 
 def _prompt_ids(prompt: Any, tok: Any) -> list[list[int]]:

@@ -106,11 +106,11 @@ class TokenStream:
     """Documents tokenized and joined with a separator token; batches are random windows chosen by (seed, step)."""
 
     def __init__(self, docs: list[str], tokenizer: Any, seq_len: int) -> None:
-        eos = document_separator(tokenizer)
+        separator = document_separator(tokenizer)
         ids: list[int] = []
         for row in tokenizer(docs, add_special_tokens=False)["input_ids"]:
             ids.extend(row)
-            ids.append(eos)
+            ids.append(separator)
         if len(ids) <= seq_len + 1:
             raise ThinkforgeError(f"pretrain corpus too small ({len(ids)} tokens) for seq_len {seq_len}")
         self.ids = torch.tensor(ids, dtype=torch.long)

@@ -271,6 +271,17 @@ def _train_step(model: Any, ref: Any, optimizer: torch.optim.Optimizer, groups: 
             "logprob_drift_max": agg["logprob_drift_max"], "train_tokens": agg["comp_tokens"] / epochs, **extra}
 
 
+def _rollout_row(g: Group, selected: bool) -> dict[str, Any]:
+    """One group's line in rollouts.jsonl, with the reasons of reward functions that failed (raised, timed
+    out, returned junk: those samples scored 0 and the run went on)."""
+    row = {"problem": g.slot.problem.id, "slot": g.slot.index, "source": g.slot.source,
+           "rewards": [round(r, 4) for r in g.rewards], "selected": selected}
+    errors = [s.reward.reason[:300] for s in g.samples if s.reward.reason.startswith("reward_")]
+    if errors:
+        row["reward_errors"] = errors
+    return row
+
+
 def _step_metrics(groups: list[Group], selected: list[Group]) -> dict[str, float]:
     rewards = [s.reward.reward for g in groups for s in g.samples]
     correct = [s.reward.correct for g in groups for s in g.samples]
@@ -351,13 +362,8 @@ def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
             for g in res.groups:
                 for s in g.samples:
                     router.commit(g.slot.problem, s.reward)
-            append_jsonl(out_dir / "rollouts.jsonl", {"step": step, "groups": [
-                {"problem": g.slot.problem.id, "slot": g.slot.index, "source": g.slot.source,
-                 "rewards": [round(r, 4) for r in g.rewards], "selected": g in res.selected,
-                 # why a reward function failed (raised, timed out, returned junk): scored 0, run goes on
-                 **({"reward_errors": errs} if (errs := [s.reward.reason[:300] for s in g.samples
-                                                          if s.reward.reason.startswith("reward_")]) else {})}
-                for g in res.groups]})
+            append_jsonl(out_dir / "rollouts.jsonl",
+                         {"step": step, "groups": [_rollout_row(g, g in res.selected) for g in res.groups]})
             row: dict[str, Any] = {"lr": lr, **res.stats, **_step_metrics(res.groups, res.selected),
                                    **sampler.summary()}
             t_train = time.perf_counter()

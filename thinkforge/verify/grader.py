@@ -124,8 +124,8 @@ class MathGrader:
     """A pool of `workers` persistent math-verify processes, safe to call from any thread.
 
     `equal(response, gold, timeout_s)` returns within about `timeout_s` plus the wait for a free worker;
-    an overrunning worker is killed (and lazily restarted), the answer
-    is False. Owned by the process that made it: in a forked child it starts over with no workers.
+    an overrunning worker is killed (and lazily restarted), the answer is False. Owned by the process that
+    made it: in a forked child it starts over with no workers.
     """
 
     def __init__(self, workers: int = 2, startup_timeout_s: float = 300.0) -> None:
