@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from thinkforge.engine.fastpath import LeanDecoder, rotate_half
+from thinkforge.engine.fastpath import LeanDecoder, fused_rms_norm, rms_norm
 from thinkforge.engine.kvcache import SlotKVCache, cache_kwargs
 from thinkforge.engine.sampling import RowSampling
 from thinkforge.errors import ThinkforgeError
@@ -146,31 +146,6 @@ class MTPSpeculator:
                 "tokens_per_s": self.emitted / wall if wall > 0 else 0.0}
 
     # ------------------------------------------------------------ model pieces
-    def _block(self, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-               cache_idx: int) -> torch.Tensor:
-        """One Llama-family decoder layer, the same math as `LeanDecoder` (kept bit-identical)."""
-        lean = self.lean
-        B, T, _ = x.shape
-        D = lean.head_dim
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(B, T, -1, D)
-        k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(B, T, -1, D)
-        v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(B, T, -1, D).transpose(1, 2)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        q = (q * cos) + (rotate_half(q) * sin)
-        k = (k * cos) + (rotate_half(k) * sin)
-        k, v = self.engine.cache.update(k, v, cache_idx)
-        o = lean._attention(q, k, v, mask)
-        x = x + F.linear(o.transpose(1, 2).reshape(B, T, -1), attn.o_proj.weight, attn.o_proj.bias)
-        mlp = layer.mlp
-        h = layer.post_attention_layernorm(x)
-        g = mlp.act_fn(F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias))
-        return x + F.linear(g * F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias), mlp.down_proj.weight,
-                            mlp.down_proj.bias)
-
     def main_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states of every input position, [B, T, H] (cache plan set by the caller)."""
         inner = self.inner
@@ -182,8 +157,8 @@ class MTPSpeculator:
         cos, sin = inner.rotary_emb(x, position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for i, layer in enumerate(self.lean.layers):
-            x = self._block(layer, x, cos, sin, mask, i)
-        return inner.norm(x)
+            x = self.lean.block(layer, x, cos, sin, mask, self.engine.cache, i)
+        return rms_norm(inner.norm, x)
 
     def forward_last(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Stands in for the engine's `_forward` during prefill: keeps every position's hidden state
@@ -193,69 +168,83 @@ class MTPSpeculator:
         return self.model.lm_head(hidden[:, -1, :])
 
     def _mtp(self, j: int, prev: torch.Tensor, tokens: torch.Tensor, position_ids: torch.Tensor,
-             mask: torch.Tensor) -> torch.Tensor:
+             rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, at_zero: torch.Tensor | None,
+             ) -> torch.Tensor:
+        """MTP layer j over `prev` (hidden states) and `tokens`; `at_zero` marks position-0 inputs, whose
+        token embedding is zeroed as MiMo/vLLM do (None: there are none)."""
         layer = self.mtp[j]
         inner = self.inner
-        emb = inner.embed_tokens(tokens)
         if self.lean is None:
             from thinkforge.model.mtp import mtp_layer_forward
 
-            pe = inner.rotary_emb(prev, position_ids)
-            return mtp_layer_forward(layer, prev, emb, position_ids, pe, mask, self.engine.cache)
-        emb = emb.masked_fill((position_ids == 0)[..., None], 0.0)  # as MiMo/vLLM: no token input at position 0
-        x = layer.input_proj(torch.cat([layer.hidden_layernorm(prev), layer.token_layernorm(emb)], -1))
-        cos, sin = inner.rotary_emb(x, position_ids)
-        x = self._block(layer, x, cos.unsqueeze(1), sin.unsqueeze(1), mask, self.L + j)
-        return layer.final_layernorm(x)
+            emb = inner.embed_tokens(tokens)
+            return mtp_layer_forward(layer, prev, emb, position_ids, rope, mask, self.engine.cache)
+        # Drafts only need to be good guesses (the main model verifies every token), so this path takes
+        # the cheapest kernels: one fused RMSNorm per norm, the embedding read directly.
+        emb = F.embedding(tokens, inner.embed_tokens.weight)
+        if at_zero is not None:
+            emb = emb.masked_fill(at_zero, 0.0)
+        x = F.linear(torch.cat([fused_rms_norm(layer.hidden_layernorm, prev),
+                                fused_rms_norm(layer.token_layernorm, emb)], -1), layer.input_proj.weight)
+        cos, sin = rope
+        x = self.lean.block(layer, x, cos, sin, mask, self.engine.cache, self.L + j, norm=fused_rms_norm)
+        return fused_rms_norm(layer.final_layernorm, x)
 
     # ------------------------------------------------------------ drafting
     def _draft(self, seqs: list[Any], rows: list[int], starts: list[int], lengths: list[int],
                hidden: torch.Tensor, known: list[list[int]]) -> None:
         """MTP pass over each row's newly verified columns [start, start + length) (hidden [R, Q, H]);
-        `known[r]` = tokens at columns start..start + length (length + 1 of them). Sets s.drafts/s.qprobs."""
+        `known[r]` = tokens at columns start..start + length (length + 1 of them). Sets s.drafts/s.qprobs.
+
+        MTP layer j reads, at column start + i, the token at stream index i + j + 1, where a row's stream is
+        `known[r]` followed by this round's drafts; columns past a row's length are padding whose outputs
+        are never read (their KV columns are rewritten before any query can see them)."""
         eng = self.engine
         dev = eng.device
         R, Q = hidden.shape[0], hidden.shape[1]
-        k = self.k
-        stream = torch.full((R, Q + k + 1), eng.pad_id, dtype=torch.long)
-        for r, toks in enumerate(known):
-            stream[r, : len(toks)] = torch.tensor(toks)
-        start_t = torch.tensor(starts)
-        len_t = torch.tensor(lengths)
+        streams = [list(t) for t in known]
         offs = torch.tensor([s.off for s in seqs])
-        cols = start_t[:, None] + torch.arange(Q)[None, :]  # pads go right, into columns not yet in use
-        kv_len = int(cols.max()) + 1
+        cols = torch.tensor(starts)[:, None] + torch.arange(Q)[None, :]  # pads go right, into unused columns
+        kv_len = max(starts) + Q
         eng.cache.ensure_capacity(kv_len)
         keys = torch.arange(kv_len)
         allowed = (keys[None, None, :] >= offs[:, None, None]) & (keys[None, None, :] <= cols[:, :, None])
         mask = eng._additive(allowed[:, None])
-        pos = (cols - offs[:, None]).clamp_(min=0).to(dev)
-        row_t = torch.tensor(rows, device=dev)
-        eng.cache.plan_rows(row_t, cols.to(dev), kv_len)
-        last = (len_t - 1).to(dev)
+        pos_cpu = (cols - offs[:, None]).clamp_(min=0)
+        pos = pos_cpu.to(dev)
+        at_zero = (pos == 0)[..., None] if bool((pos_cpu == 0).any()) else None
+        if rows == list(range(R)):  # the whole running batch in order (the usual case): plain slices
+            eng.cache.plan_decode(R, cols.to(dev), kv_len)
+        else:
+            eng.cache.plan_rows(torch.tensor(rows, device=dev), cols.to(dev), kv_len)
+        if self.lean is not None:
+            cos, sin = self.inner.rotary_emb(hidden, pos)
+            rope = (cos.unsqueeze(1), sin.unsqueeze(1))
+        else:
+            rope = self.inner.rotary_emb(hidden, pos)
+        last = torch.tensor([n - 1 for n in lengths], device=dev)
         ar = torch.arange(R, device=dev)
         sampling = [s.sampling for s in seqs]
         greedy = all(r.temperature == 0 for r in sampling)
-        drafts = torch.zeros((R, k), dtype=torch.long)
-        qprobs = None if greedy else torch.zeros((R, k, self.model.lm_head.weight.shape[0]))
+        qprobs = None if greedy else torch.zeros((R, self.k, self.model.lm_head.weight.shape[0]))
+        pad = eng.pad_id
         prev = hidden
-        for j in range(k):
-            tokens = stream[:, j + 1: j + 1 + Q].to(dev)
-            prev = self._mtp(j, prev, tokens, pos, mask)
+        for j in range(self.k):
+            tokens = torch.tensor([[st[i] if i < len(st) else pad for i in range(j + 1, j + 1 + Q)]
+                                   for st in streams], device=dev)
+            prev = self._mtp(j, prev, tokens, pos, rope, mask, at_zero)
             logits = self.model.lm_head(prev[ar, last]).float()
             if greedy:
-                d = logits.argmax(-1).cpu()
+                d = logits.argmax(-1).tolist()
             else:
                 probs = filtered_probs(logits, sampling).cpu()
-                am = logits.argmax(-1).cpu()
-                d = torch.empty(R, dtype=torch.long)
-                for r, rs in enumerate(sampling):
-                    d[r] = int(am[r]) if rs.temperature == 0 else _draw(probs[r], rs.generator)
+                am = logits.argmax(-1).tolist()
+                d = [am[r] if rs.temperature == 0 else _draw(probs[r], rs.generator) for r, rs in enumerate(sampling)]
                 qprobs[:, j] = probs
-            drafts[:, j] = d
-            stream[torch.arange(R), len_t + 1 + j] = d
+            for st, tok in zip(streams, d, strict=True):
+                st.append(tok)
         for r, s in enumerate(seqs):
-            s.drafts = drafts[r].tolist()
+            s.drafts = streams[r][len(known[r]):]
             s.qprobs = qprobs[r] if qprobs is not None else None
 
     def after_prefill(self, admitted: list[Any]) -> None:
