@@ -215,6 +215,9 @@ def test_sigkill_resume_same_data_order_and_nan_keeps_checkpoint(micro, tmp_path
     summary = rl(_cfg(micro, run, steps=steps))
     assert summary["steps"] == steps
     assert _last_per_step(run / "rollouts.jsonl") == _last_per_step(ref / "rollouts.jsonl")
+    # Rows the killed and the diverged runs wrote past the checkpoint are dropped on resume: one row per step.
+    for log in ("rollouts.jsonl", "metrics.jsonl"):
+        assert [r["step"] for r in read_jsonl(run / log)] == [r["step"] for r in read_jsonl(ref / log)], log
 
 
 def test_cli_reports_bad_input(micro, tmp_path):

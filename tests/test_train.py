@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from thinkforge.errors import ThinkforgeError
 from thinkforge.train.pretrain import PretrainConfig, pretrain
 from thinkforge.train.sft import IGNORE, SFTConfig, encode, normalize_conversation, sft
+from thinkforge.utils import read_jsonl
 
 SMALL = dict(model_size="micro", batch_size=4, seq_len=64, docs_per_stage=200, eval_docs=16, warmup_steps=1)
 
@@ -80,6 +81,9 @@ def test_pretrain_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     proc.wait()
     assert not (resumed / "model").exists()
     pretrain(PretrainConfig(out_dir=str(resumed), **cfg))
+    # Steps trained after the checkpoint by the killed run are logged once, by the resumed run.
+    steps = [r["step"] for r in read_jsonl(resumed / "metrics.jsonl")]
+    assert steps == [r["step"] for r in read_jsonl(straight / "metrics.jsonl")] == list(range(1, 13))
     a = load_file(straight / "model" / "model.safetensors")
     b = load_file(resumed / "model" / "model.safetensors")
     assert a.keys() == b.keys()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -12,7 +13,7 @@ import torch
 
 from thinkforge.errors import ThinkforgeError
 from thinkforge.model.io import save_model
-from thinkforge.utils import append_jsonl, atomic_dir, atomic_write_json
+from thinkforge.utils import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
@@ -84,17 +85,30 @@ def finalize(out_dir: Path, model: Any, tokenizer: Any, extra_model_files: dict[
     return path
 
 
-class MetricLog:
-    """Append-only jsonl metrics (+ tensorboard when available)."""
+def trim_steps(path: Path, step: int) -> None:
+    """On resume: drops a step-keyed jsonl log's rows past the checkpoint (steps that will run again, so
+    they are not logged twice) and a torn last line."""
+    if not path.exists():
+        return
+    rows = read_jsonl(path, tolerate_partial_last_line=True)
+    keep = [r for r in rows if r.get("step", 0) <= step]
+    if len(keep) != len(rows) or not path.read_text().endswith("\n"):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
-    def __init__(self, out_dir: Path, tensorboard: bool = True) -> None:
+
+class MetricLog:
+    """Append-only jsonl metrics (+ tensorboard when available). `resume_step`: the checkpoint's step; rows
+    and tensorboard events past it (from the interrupted run) are dropped, so each step appears once."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool = True, resume_step: int = 0) -> None:
         self.path = out_dir / "metrics.jsonl"
+        trim_steps(self.path, resume_step)
         self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(out_dir / "tb"))
+                self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step + 1)
             except ImportError:
                 self.writer = None
 

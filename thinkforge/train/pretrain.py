@@ -190,7 +190,7 @@ def pretrain(cfg: PretrainConfig, progress: Any = None) -> dict[str, Any]:
     model, tokenizer = build_model(cfg, device, dtype)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     state = load_checkpoint(out_dir, model, optimizer) or {"step": 0, "tokens": 0, "elapsed": 0.0}
-    log = MetricLog(out_dir)
+    log = MetricLog(out_dir, resume_step=state["step"])
 
     # Stage boundaries in steps; each stage's corpus is built when the run enters it.
     bounds, start = [], 0

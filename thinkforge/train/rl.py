@@ -37,6 +37,7 @@ from thinkforge.train.common import (
     load_checkpoint,
     make_optimizer,
     save_checkpoint,
+    trim_steps,
     write_stage_summary,
 )
 from thinkforge.train.grpo import TrainSample, build_samples, collate, policy_loss, token_logprobs
@@ -343,7 +344,8 @@ def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
         max_slots_factor=cfg.max_slots_factor, system_prompt=cfg.system_prompt, reward_lag=cfg.reward_lag,
         filter_degenerate=cfg.dynamic_sampling))
     rollout.valid_ratio = state.get("valid_ratio", rollout.valid_ratio)
-    log = MetricLog(out_dir)
+    log = MetricLog(out_dir, resume_step=state["step"])
+    trim_steps(out_dir / "rollouts.jsonl", state["step"])
     t0 = time.time() - state["elapsed"]
     bar = progress.add_task("rl", total=cfg.steps, completed=state["step"]) if progress else None
     stopped = None

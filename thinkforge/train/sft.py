@@ -44,7 +44,6 @@ from thinkforge.utils import (
     atomic_dir,
     config_hash,
     ensure_writable_dir,
-    read_jsonl,
     run_metadata,
     seed_everything,
 )
@@ -433,20 +432,6 @@ def save_final(cfg: SFTConfig, out_dir: Path, model: Any, tokenizer: Any, acc: A
 
 # ---------------------------------------------------------------- training
 
-def trim_metrics(path: Path, step: int) -> None:
-    """On resume, drops log rows past the checkpoint (steps that will be trained again) and a torn line."""
-    import json
-
-    from thinkforge.utils import atomic_write_text
-
-    if not path.exists():
-        return
-    rows = read_jsonl(path, tolerate_partial_last_line=True)
-    keep = [r for r in rows if r.get("step", 0) <= step]
-    if len(keep) != len(rows) or not path.read_text().endswith("\n"):
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
 def validate(cfg: SFTConfig) -> None:
     if not cfg.model:
         raise ThinkforgeError("sft: --model is required")
@@ -507,9 +492,7 @@ def sft(cfg: SFTConfig, progress: Any = None) -> dict[str, Any]:
     state = load_sft_checkpoint(out_dir, model, optimizer, scheduler, fp, acc) or {
         "step": 0, "tokens": 0, "target_tokens": 0, "elapsed": 0.0}
     is_main = rank == 0
-    if is_main:
-        trim_metrics(out_dir / "metrics.jsonl", state["step"])
-    log = MetricLog(out_dir, tensorboard=cfg.tensorboard) if is_main else None
+    log = MetricLog(out_dir, tensorboard=cfg.tensorboard, resume_step=state["step"]) if is_main else None
     t0 = time.time() - state["elapsed"]
     task = progress.add_task("sft", total=cfg.steps, completed=state["step"]) if progress and is_main else None
     while state["step"] < cfg.steps:
