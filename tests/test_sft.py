@@ -265,24 +265,28 @@ def test_shipped_recipes_load_and_match_the_accelerate_configs():
     assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4
 
 
+def torchrun_sft(cfg: SFTConfig, keys: tuple[str, ...] = ()) -> None:
+    """`cfg` trained by `torchrun --nproc_per_node 2 -m thinkforge.cli sft` (Accelerate, gloo on CPU)."""
+    sets = [a for k in ("batch_size", "lr", "warmup_steps", "eval_every", "eval_examples", "save_every", "dtype",
+                        "tensorboard", *keys) for a in ("--set", f"{k}={getattr(cfg, k)}")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), "-m", "thinkforge.cli", "sft", "--model",
+                           cfg.model, "--data", cfg.data, "--out", cfg.out_dir, "--steps", str(cfg.steps),
+                           "--device", "cpu", *sets], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_two_process_accelerate_run_equals_single_process(tiny_checkpoint, data_file, tmp_path):
     """`torchrun --nproc_per_node 2` (Accelerate, gloo on CPU) trains exactly what one process trains: each
     rank takes half of every step's conversations, and the LR schedule built on the optimizer `prepare`
     returned drives the update."""
     kw = dict(steps=3, warmup_steps=1, eval_every=2)
     single = sft(small(tiny_checkpoint, data_file, tmp_path / "single", **kw))
-    cfg = small(tiny_checkpoint, data_file, tmp_path / "ddp", **kw)
-    sets = [a for k in ("batch_size", "lr", "warmup_steps", "eval_every", "eval_examples", "save_every", "dtype",
-                        "tensorboard") for a in ("--set", f"{k}={getattr(cfg, k)}")]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), "-m", "thinkforge.cli", "sft", "--model",
-                           tiny_checkpoint, "--data", str(data_file), "--out", cfg.out_dir, "--steps", "3",
-                           "--device", "cpu", *sets], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_sft(small(tiny_checkpoint, data_file, tmp_path / "ddp", **kw))
     ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert ddp["world_size"] == 2 and single["world_size"] == 1
     assert ddp["target_tokens"] == single["target_tokens"] and ddp["tokens"] == single["tokens"]
@@ -292,3 +296,17 @@ def test_two_process_accelerate_run_equals_single_process(tiny_checkpoint, data_
     assert [r["loss"] for r in rows["ddp"]] == pytest.approx([r["loss"] for r in rows["single"]], rel=1e-5)
     assert ddp["heldout_loss"] == pytest.approx(single["heldout_loss"], rel=1e-5)
     assert_same_weights(weights(tmp_path / "single"), weights(tmp_path / "ddp"), atol=1e-4)
+
+
+def test_two_process_lora_run_saves_merged_plain_checkpoint(tiny_checkpoint, data_file, tmp_path):
+    """LoRA under Accelerate: `model/` is the merged plain checkpoint (as in one process), the adapter is in
+    `adapter/`, and the merged weights equal a single-process LoRA run's."""
+    kw = dict(steps=2, warmup_steps=1, lora_r=4, lr=1e-2)
+    sft(small(tiny_checkpoint, data_file, tmp_path / "single", **kw))
+    torchrun_sft(small(tiny_checkpoint, data_file, tmp_path / "ddp", **kw), keys=("lora_r",))
+    assert (tmp_path / "ddp" / "adapter" / "adapter_config.json").exists()
+    merged = weights(tmp_path / "ddp")
+    assert not any("lora" in k for k in merged)
+    base = load_file(Path(tiny_checkpoint) / "model.safetensors")
+    assert any(not torch.equal(merged[k], base[k]) for k in base if "q_proj" in k)
+    assert_same_weights(weights(tmp_path / "single"), merged, atol=1e-4)

@@ -405,29 +405,40 @@ def save_final(cfg: SFTConfig, out_dir: Path, model: Any, tokenizer: Any, acc: A
 
     from thinkforge.model.io import save_model
 
+    lora = cfg.lora_r > 0 or cfg.qlora
     if acc is not None:
         acc.wait_for_everyone()
-        state = acc.get_state_dict(model)
+        state = acc.get_state_dict(model)  # gathered from every rank (FSDP / ZeRO-3 shards)
         model = acc.unwrap_model(model)
         if acc.is_main_process:
-            with atomic_dir(out_dir / "model") as tmp:
+            with atomic_dir(out_dir / ("adapter" if lora else "model")) as tmp:
                 model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
+            if lora:
+                save_model(merge_adapter(cfg, out_dir / "adapter", _base_dtype(model)), tokenizer, out_dir / "model")
             shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
         acc.wait_for_everyone()
         return out_dir / "model"
-    if cfg.lora_r > 0 or cfg.qlora:
+    if lora:
         save_model(model, tokenizer, out_dir / "adapter")
-        if cfg.qlora:  # merge into an unquantized copy of the base: 4-bit weights cannot hold the update
-            from peft import PeftModel
-            from transformers import AutoModelForCausalLM
-
-            base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.bfloat16)
-            model = PeftModel.from_pretrained(base, str(out_dir / "adapter"))
-        model = model.merge_and_unload()
+        # QLoRA merges into an unquantized copy of the base: 4-bit weights cannot hold the update.
+        model = merge_adapter(cfg, out_dir / "adapter", torch.bfloat16) if cfg.qlora else model.merge_and_unload()
     path = save_model(model, tokenizer, out_dir / "model")
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
     return path
+
+
+def merge_adapter(cfg: SFTConfig, adapter_dir: Path, dtype: torch.dtype) -> Any:
+    """The base model `cfg.model` with the saved LoRA adapter merged in (a plain transformers model)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def _base_dtype(model: Any) -> torch.dtype:
+    return next(p.dtype for n, p in model.named_parameters() if "lora_" not in n and p.is_floating_point())
 
 
 # ---------------------------------------------------------------- training
