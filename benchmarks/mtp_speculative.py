@@ -132,13 +132,13 @@ def run_batch(model: Any, tokenizer: Any, prompts: list[list[int]], B: int, ks: 
         eng = engines[k]
 
         def run() -> list[list[int]]:
-            if eng._spec is not None:
-                eng._spec.reset_metrics()
+            if eng.speculator is not None:
+                eng.speculator.reset_metrics()
             f0 = eng.stats["decode_forwards"]
             outs = [c[0].token_ids for chunk in chunks for c in eng.generate(chunk, params)]
             forwards[k].append(eng.stats["decode_forwards"] - f0)
-            if eng._spec is not None:
-                metrics[k].append(eng._spec.metrics())
+            if eng.speculator is not None:
+                metrics[k].append(eng.speculator.metrics())
             return outs
 
         return run

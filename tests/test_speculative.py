@@ -77,7 +77,7 @@ def test_greedy_is_token_identical_to_plain_greedy(model, tok, fast_path, k):
         for x, y in zip(a, b, strict=True):
             assert (y.token_ids, y.finish_reason) == (x.token_ids, x.finish_reason)
             assert y.logprobs == pytest.approx(x.logprobs, abs=1e-4)
-    m = spec._spec.metrics()
+    m = spec.speculator.metrics()
     assert any(f == "stop" for g in out for c in g for f in [c.finish_reason])
     assert len(m["acceptance"]) == k and 0.3 < m["acceptance"][0] < 1.0  # both accepts and rejections
     assert m["acceptance"] == sorted(m["acceptance"], reverse=True)  # draft j+1 needs draft j accepted
@@ -148,7 +148,7 @@ def test_sampling_keeps_the_main_models_distribution(model, tok):
     (group,) = engine.generate([prompt], params)
     counts = Counter(tuple(c.token_ids) for c in group)
     exact = exact_joint(model, prompt, params, 3)
-    acc = engine._spec.metrics()["acceptance"]
+    acc = engine.speculator.metrics()["acceptance"]
     assert 0.2 < acc[0] < 0.9, acc  # drafts are often rejected: the residual distribution is exercised
     assert chi2_pvalue(counts, exact, len(group)) > 1e-3
     # The test has power: the same samples against a slightly different distribution fail clearly.
@@ -169,7 +169,7 @@ def test_bad_requests_are_clear_errors(model, tok, tmp_path, capsys):
     with pytest.raises(ThinkforgeError, match="has no MTP layers"):
         get_backend("native", path, device="cpu", speculative="mtp")
     backend = get_backend("native", path, device="cpu", speculative="mtp", speculative_fallback=True)
-    assert backend.engine._spec is None
+    assert backend.engine.speculator is None
     assert "falling back to plain decoding" in capsys.readouterr().err
 
 
@@ -203,7 +203,7 @@ def test_backend_server_and_acceptance_helper(model, tok, tmp_path):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         r = client.completions.create(model=path, prompt=prompts[1], max_tokens=16, temperature=0)
         assert r.choices[0].text == plain.generate([prompts[1]], params)[0][0].text
-        assert app.state.generator.engine._spec.metrics()["verify_forwards"] > 0
+        assert app.state.generator.engine.speculator.metrics()["verify_forwards"] > 0
     finally:
         srv.should_exit = True
         thread.join(timeout=10)

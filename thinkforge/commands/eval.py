@@ -34,7 +34,7 @@ def _speculative_kwargs(backend: str, speculative: str | None, num_draft: int) -
 
 def _speculative_line(backend: Any) -> str | None:
     """One line of MTP draft statistics when the native engine decoded speculatively."""
-    spec = getattr(getattr(backend, "engine", None), "_spec", None)
+    spec = getattr(getattr(backend, "engine", None), "speculator", None)
     if spec is None:
         return None
     m = spec.metrics()

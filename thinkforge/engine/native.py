@@ -116,14 +116,14 @@ class LLMEngine:
         self._running: list[_Seq] = []
         self._requests: dict[str, _Request] = {}
         self.stats = {"prefill_forwards": 0, "decode_forwards": 0, "generated_tokens": 0, "max_rows": 0}
-        self._spec = None  # MTP self-speculative decoding (thinkforge.engine.speculative)
+        self.speculator: Any = None  # MTPSpeculator when speculative="mtp" (metrics(), reset_metrics())
         if speculative is not None:
             if speculative != "mtp":
                 raise ThinkforgeError(f"unknown speculative method {speculative!r}; known: mtp")
             from thinkforge.engine.speculative import MTPSpeculator
 
-            self._spec = MTPSpeculator(self, num_draft)
-            self._forward = self._spec.forward_last  # prefill keeps every prompt position's hidden state
+            self.speculator = MTPSpeculator(self, num_draft)
+            self._forward = self.speculator.forward_last  # prefill keeps every prompt position's hidden state
 
     # ------------------------------------------------------------ requests
     def encode(self, prompt: str) -> list[int]:
@@ -241,10 +241,10 @@ class LLMEngine:
             admitted = self._admit()
             if admitted:
                 finished += self._prefill(admitted)
-                if self._spec is not None:
-                    self._spec.after_prefill(admitted)
+                if self.speculator is not None:
+                    self.speculator.after_prefill(admitted)
             if self._running:
-                finished += self._spec.decode() if self._spec is not None else self._decode()
+                finished += self.speculator.decode() if self.speculator is not None else self._decode()
         return finished
 
     def _admit(self) -> list[_Seq]:

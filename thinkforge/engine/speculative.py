@@ -455,4 +455,4 @@ def mtp_acceptance(model_dir: str, prompts: list[str], num_draft: int | None = N
     spec = prepare_speculative(model, model_dir, "mtp", max(k, 1))
     engine = LLMEngine(model, tokenizer, max_batch_size=max_batch_size, speculative=spec, num_draft=max(k, 1))
     engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
-    return engine._spec.metrics()
+    return engine.speculator.metrics()
