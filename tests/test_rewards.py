@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +84,21 @@ def test_router_routes_mixed_tasks_and_survives_broken_rewards():
         assert broken.score(arith, "y").reason.startswith("reward_error")
     finally:
         broken.close()
+
+
+def test_a_hung_reward_does_not_keep_the_process_alive():
+    """The call abandoned at the timeout is still sleeping when the script ends: the interpreter exits
+    anyway (ThreadPoolExecutor workers would be joined at exit, here for 120 s)."""
+    root = Path(__file__).resolve().parents[1]
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import tests.test_rl_support\n"
+              "from thinkforge.rewards import RewardRouter\nfrom thinkforge.tasks import get_task\n"
+              "p = get_task('arith').problems('train', n=1, seed=0)[0]\n"
+              "r = RewardRouter({'arith': {'name': 'test_hangs', 'seconds': 120}}, workers=1, timeout_s=0.2)\n"
+              "print(r.score(p, 'x').reason, flush=True)\n")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("reward_timeout") and time.monotonic() - t0 < 30
 
 
 def test_router_mixes_weights_and_rejects_bad_values():

@@ -10,10 +10,11 @@ or a value outside [0, 1] scores the sample 0 with the reason recorded.
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout  # builtin TimeoutError only from 3.11
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -92,13 +93,58 @@ def _sanitize(result: Any, name: str) -> RewardResult:
     return result
 
 
+class DaemonPool:
+    """A minimal thread pool of daemon workers. `ThreadPoolExecutor` joins its workers at interpreter exit,
+    so one reward call that never returns would hang the process after training ended."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._tasks: queue.SimpleQueue[tuple[Future, Any, tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._name = name
+        self._threads: list[threading.Thread] = []
+        for _ in range(workers):
+            self.add_worker()
+
+    def add_worker(self) -> None:
+        t = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def submit(self, fn: Any, *args: Any) -> Future:
+        fut: Future = Future()
+        self._tasks.put((fut, fn, args))
+        return fut
+
+    def shutdown(self) -> None:
+        """Cancels queued calls and stops idle workers (a running call finishes on its own)."""
+        while True:
+            try:
+                item = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in self._threads:
+            self._tasks.put(None)
+
+    def _work(self) -> None:
+        while (item := self._tasks.get()) is not None:
+            fut, fn, args = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as err:  # noqa: BLE001 - delivered to whoever waits on the future
+                fut.set_exception(err)
+
+
 class RewardRouter:
     """Scores samples with the reward of their task, in a thread pool (`submit`) or inline (`score`).
 
     `routes` maps a task name to a route (see `_parse_route`); tasks without one use their kind's
     default (`KIND_DEFAULTS`), else the task's own `Task.score`. Thread pools cannot kill a hung
     function, so a reward that exceeds `timeout_s` is abandoned (scored 0, "reward_timeout") and its
-    worker replaced; the verifiers themselves enforce their own limits in subprocesses.
+    worker replaced; the verifiers themselves enforce their own limits in subprocesses. Workers are daemon
+    threads, so an abandoned call never keeps the process from exiting.
     """
 
     def __init__(self, routes: dict[str, Any] | None = None, *, workers: int = 4, timeout_s: float = 30.0,
@@ -119,8 +165,7 @@ class RewardRouter:
         self.workers = workers
         self._fns: dict[tuple[str, str], RewardFn] = {}
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward")
-        self._stuck = 0
+        self._pool = DaemonPool(workers, "reward")
         self.errors: list[str] = []  # recent failure reasons (bounded), for logs and tests
 
     # ------------------------------------------------------------ resolution
@@ -192,14 +237,8 @@ class RewardRouter:
 
     def _abandon(self, fut: Future) -> None:
         self._note(f"{fut.problem_id}: reward_timeout after {self.timeout_s:g}s")  # type: ignore[attr-defined]
-        fut.cancel()
-        with self._lock:
-            # The hung call keeps its thread; give the pool a fresh set of workers so scoring goes on.
-            self._stuck += 1
-            if self._stuck >= self.workers:
-                self._pool.shutdown(wait=False, cancel_futures=False)
-                self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="reward")
-                self._stuck = 0
+        if not fut.cancel():  # it is running: the hung call keeps its thread, so add one to go on scoring
+            self._pool.add_worker()
 
     def _note(self, message: str) -> None:
         with self._lock:
@@ -237,4 +276,4 @@ class RewardRouter:
             self.load_state_dict(self._pending_state)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
