@@ -6,9 +6,13 @@ Tests that rely on Linux namespaces (host files, network, the host's processes) 
 
 import os
 import secrets
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -157,6 +161,35 @@ def test_nothing_a_program_leaves_behind_reaches_the_next_one():
         run_code(code, ANY)
         r = run_code(spy, ANY)[0]
         assert "left.txt" not in r.stdout and "daemon.txt" not in r.stdout and "here.txt" not in r.stdout
+
+
+def test_plain_mode_kills_a_daemon_that_left_the_process_group():
+    """Without namespaces (THINKFORGE_SANDBOX=plain) the harness is the subreaper of what programs leave
+    behind: a double-forked daemon in its own session does not outlive the program."""
+    code = ("import os, time\nr, w = os.pipe()\nif os.fork() == 0:\n    os.setsid()\n    pid = os.fork()\n"
+            "    if pid == 0:\n        while True:\n            time.sleep(0.01)\n"
+            "    os.write(w, str(pid).encode())\n    os._exit(0)\nos.close(w)\nprint(os.read(r, 32).decode())\n")
+    script = ("import sys, warnings; warnings.simplefilter('ignore')\nfrom thinkforge.verify.sandbox import run_code, "
+              "sandbox_info\nassert sandbox_info().mode == 'plain'\n"
+              f"print(run_code({code!r}, [{{'stdin': '', 'stdout': 'x'}}])[0].stdout.strip())\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "THINKFORGE_SANDBOX": "plain"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    pid = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the daemon {pid} outlived its program")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
 
 
 @pytest.mark.parametrize("exit_stmt", ["import sys; sys.exit(0)", "import os; os._exit(0)", "raise SystemExit"])

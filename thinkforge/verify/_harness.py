@@ -481,8 +481,56 @@ def _run_one(code: str, test: dict, job: dict, index: int, opened: list, childre
     return {"status": status, "detail": detail, "time_s": round(elapsed, 4), "stdout": stdout[:2000]}
 
 
+def _become_subreaper() -> None:
+    # Orphaned descendants (a program's daemon that left the test's process group with setsid) are then
+    # re-parented to the harness instead of init, so `_kill_adopted` can find them without a PID namespace.
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER = 36
+    except Exception:  # noqa: BLE001 - best effort: without it, plain mode cannot catch such daemons
+        pass
+
+
+def _children(me: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            # Field 4 is the parent pid; the command name (field 2) may hold spaces and parentheses.
+            fields = stat[stat.rfind(b")") + 2:].split()
+            if len(fields) > 1 and int(fields[1]) == me:
+                pids.append(int(entry))
+    return pids
+
+
+def _kill_adopted() -> None:
+    """Kills and reaps every remaining child: orphans adopted as subreaper. Killing one re-parents its own
+    children here, hence the loop."""
+    me = os.getpid()
+    for _ in range(100):
+        pids = _children(me)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in pids:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+
 def _clean(base: str, own_namespace: bool) -> None:
-    """After a program: remove its files; in a PID namespace of our own, also kill whatever it left running."""
+    """After a program: remove its files and kill whatever it left running (in a PID namespace of our own,
+    every other process; in any case the orphans the harness adopted as subreaper)."""
     if own_namespace:
         me = os.getpid()
         for entry in os.listdir("/proc"):
@@ -491,6 +539,7 @@ def _clean(base: str, own_namespace: bool) -> None:
                     os.kill(int(entry), signal.SIGKILL)
                 except OSError:
                     pass
+    _kill_adopted()  # as subreaper the harness also reaps what it adopted (no zombies pile up)
     import shutil
 
     for entry in os.listdir(base):
@@ -506,6 +555,7 @@ def _clean(base: str, own_namespace: bool) -> None:
 
 def main() -> None:
     _drop_privileges(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    _become_subreaper()
     sys.path.extend(sys.argv[2:])  # site-packages (-S skipped site.py, and with it the .pth hooks)
     jobs, results = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDWR)
