@@ -14,6 +14,7 @@ from thinkforge.errors import ThinkforgeError, UnknownNameError
 from thinkforge.rewards import RewardRouter, get_reward
 from thinkforge.tasks import get_task
 from thinkforge.tasks.base import Problem
+from thinkforge.verify import tddr_reward
 
 
 def _code_problem(template: str) -> Problem:
@@ -84,6 +85,36 @@ def test_router_routes_mixed_tasks_and_survives_broken_rewards():
         assert broken.score(arith, "y").reason.startswith("reward_error")
     finally:
         broken.close()
+
+
+def test_code_reward_runs_a_repeated_program_once():
+    """Samples repeating a program reuse its test results (also when scored concurrently); a run that timed
+    out is not kept; the reward still follows the current test levels."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    code = _code_problem("affine")
+    reward = get_reward("code_tddr", mode="soft")
+    plain = get_reward("code_tddr", mode="soft", cache=False)
+    assert plain.cache is None
+    wrong = "```python\ndef f(x):\n    return {14: 94, 3: 39}.get(x, 0)\n```"  # passes the level-0 tests only
+    with ThreadPoolExecutor(4) as pool:
+        first = list(pool.map(lambda r: reward(code, r), [code.solution] * 4 + [wrong] * 4))
+    assert (reward.cache.misses, reward.cache.hits) == (2, 6)
+    assert [r.reward for r in first] == [1.0] * 4 + [plain(code, wrong).reward] * 4
+    assert first[4].details["passed"] == plain(code, wrong).details["passed"]
+    # Levels recomputed from committed solutions rescore the cached pass vector, without a new run.
+    passed = first[4].details["passed"]
+    assert passed == [True, True, False, False, False]
+    for _ in range(reward.min_population):
+        reward.commit(code, first[4])
+    again = reward(code, wrong)
+    assert again.details["levels"] == reward.levels(code) != first[4].details["levels"]
+    assert again.reward == tddr_reward(passed, reward.levels(code), "soft") and reward.cache.misses == 2
+    slow = Problem(id="code/slow", task="code", prompt="?", answer="", tests=[{"assert": "assert f() == 1"}])
+    hang = get_reward("code_tddr", timeout_s=0.5)
+    for _ in range(2):
+        assert hang(slow, "```python\ndef f():\n    while True:\n        pass\n```").reason == "timeout"
+    assert hang.cache.misses == 2
 
 
 def test_a_hung_reward_does_not_keep_the_process_alive():

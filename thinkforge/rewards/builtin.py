@@ -9,8 +9,12 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +66,59 @@ class TaskReward:
         return RewardResult(float(score.reward), bool(score.correct), score.reason)
 
 
+class TestRunCache:
+    """Sandbox results by (program, tests, limits), shared by a reward's worker threads.
+
+    A policy samples the same program many times: the speedrun's SFT model writes 1.4 distinct programs per
+    group of 8 on its code task, and groups of a solved problem are often one program 8 times. A test run is
+    deterministic for such programs, so the first run's per-test results serve the rest (concurrent
+    requests for one key wait for the run in flight instead of starting their own). Runs with a timeout or
+    sandbox error are not kept: a rerun may end differently. Bounded, oldest entries evicted first.
+    """
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self.max_entries = max_entries
+        self._done: dict[str, list[Any]] = {}
+        self._running: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(code: str, tests: list[Any], *limits: Any) -> str:
+        blob = json.dumps([code, tests, limits], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def get_or_run(self, key: str, run: Callable[[], list[Any]]) -> list[Any]:
+        with self._lock:
+            if key in self._done:
+                self.hits += 1
+                return self._done[key]
+            fut = self._running.get(key)
+            mine = fut is None
+            if mine:
+                fut = self._running[key] = Future()
+                self.misses += 1
+            else:
+                self.hits += 1
+        if not mine:
+            return fut.result()
+        try:
+            results = run()
+        except BaseException as err:
+            with self._lock:
+                del self._running[key]
+            fut.set_exception(err)
+            raise
+        with self._lock:
+            del self._running[key]
+            if not any(r.status in ("timeout", "sandbox_error") for r in results):
+                self._done[key] = results
+                while len(self._done) > self.max_entries:
+                    del self._done[next(iter(self._done))]
+        fut.set_result(results)
+        return results
+
+
 @register_reward("code_tddr")
 class CodeTDDRReward:
     """Runs the problem's tests in the sandbox and grades with MiMo's Test-Difficulty-Driven Reward.
@@ -70,16 +127,19 @@ class CodeTDDRReward:
     `min_population` committed solutions of a problem have been seen, are recomputed from the pass rate
     of each test over that population (`difficulty_levels`), so levels follow what the policy finds hard.
     `mode` is "strict" or "soft" (see `thinkforge.verify.tddr_reward`); "binary" is all-tests-pass.
+    `cache`: repeated programs reuse their test results (`TestRunCache`); the levels are still those of
+    the moment each sample is scored.
     """
 
     def __init__(self, mode: str = "strict", n_levels: int = 3, min_population: int = 8,
-                 timeout_s: float = 5.0, memory_mb: int = 512) -> None:
+                 timeout_s: float = 5.0, memory_mb: int = 512, cache: bool = True) -> None:
         if mode not in ("strict", "soft", "binary"):
             raise ThinkforgeError(f"code_tddr: mode must be strict, soft or binary, got {mode!r}")
         self.mode, self.n_levels, self.min_population = mode, n_levels, min_population
         self.timeout_s, self.memory_mb = timeout_s, memory_mb
         self._lock = threading.Lock()
         self.stats: dict[str, dict[str, Any]] = {}  # problem id -> {"n": solutions, "passes": [per test]}
+        self.cache = TestRunCache() if cache else None
 
     def levels(self, problem: Problem) -> list[int]:
         from thinkforge.verify import difficulty_levels
@@ -99,7 +159,13 @@ class CodeTDDRReward:
         code = extract_code(response)
         if code is None:
             return RewardResult(0.0, False, "no_answer", {"passed": [False] * len(problem.tests)})
-        results = run_code(code, problem.tests, timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+        def run() -> list[Any]:
+            return run_code(code, problem.tests, timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+
+        if self.cache is None:
+            results = run()
+        else:
+            results = self.cache.get_or_run(self.cache.key(code, problem.tests, self.timeout_s, self.memory_mb), run)
         passed = [r.passed for r in results]
         ok = all(passed)
         levels = self.levels(problem)
