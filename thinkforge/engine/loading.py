@@ -57,6 +57,8 @@ def load_model_and_tokenizer(path: str, device: str | None = "auto", dtype: Any 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    import thinkforge.model.mtp  # noqa: F401  (registers MiMo checkpoints; quiets MTP-only load reports)
+
     hf_logging.disable_progress_bar()  # per-shard bars are noise in CLI/server logs
     check_model_path(path)
     device = resolve_device(device)
