@@ -41,6 +41,9 @@ from thinkforge.engine.kvcache import SlotKVCache, cache_kwargs
 from thinkforge.engine.sampling import RowSampling
 from thinkforge.errors import ThinkforgeError
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin)
+Geometry = tuple[torch.Tensor, torch.Tensor, Rope | None, torch.Tensor]  # mask, positions, RoPE, columns
+
 
 class SpecKVCache(SlotKVCache):
     """SlotKVCache plus a plan over an arbitrary subset of rows (the draft pass of surviving rows)."""
@@ -146,24 +149,26 @@ class MTPSpeculator:
                 "tokens_per_s": self.emitted / wall if wall > 0 else 0.0}
 
     # ------------------------------------------------------------ model pieces
-    def main_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states of every input position, [B, T, H] (cache plan set by the caller)."""
+    def main_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+                    ) -> tuple[torch.Tensor, Rope | None]:
+        """Final-norm hidden states of every input position, [B, T, H] (cache plan set by the caller), and
+        the lean path's RoPE tables [B, 1, T, D] (None on the HF path)."""
         inner = self.inner
         if self.lean is None:
             out = inner(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                         **cache_kwargs(inner, self.engine.cache))
-            return out.last_hidden_state
+            return out.last_hidden_state, None
         x = inner.embed_tokens(input_ids)
         cos, sin = inner.rotary_emb(x, position_ids)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for i, layer in enumerate(self.lean.layers):
             x = self.lean.block(layer, x, cos, sin, mask, self.engine.cache, i)
-        return rms_norm(inner.norm, x)
+        return rms_norm(inner.norm, x), (cos, sin)
 
     def forward_last(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Stands in for the engine's `_forward` during prefill: keeps every position's hidden state
         (the MTP layers need the whole prompt's) and returns the last position's logits."""
-        hidden = self.main_hidden(input_ids, mask, position_ids)
+        hidden, _ = self.main_hidden(input_ids, mask, position_ids)
         self._prompt_hidden = hidden
         return self.model.lm_head(hidden[:, -1, :])
 
@@ -192,36 +197,42 @@ class MTPSpeculator:
 
     # ------------------------------------------------------------ drafting
     def _draft(self, seqs: list[Any], rows: list[int], starts: list[int], lengths: list[int],
-               hidden: torch.Tensor, known: list[list[int]]) -> None:
+               hidden: torch.Tensor, known: list[list[int]], geometry: Geometry | None = None) -> None:
         """MTP pass over each row's newly verified columns [start, start + length) (hidden [R, Q, H]);
         `known[r]` = tokens at columns start..start + length (length + 1 of them). Sets s.drafts/s.qprobs.
 
         MTP layer j reads, at column start + i, the token at stream index i + j + 1, where a row's stream is
         `known[r]` followed by this round's drafts; columns past a row's length are padding whose outputs
-        are never read (their KV columns are rewritten before any query can see them)."""
+        are never read (their KV columns are rewritten before any query can see them).
+
+        `geometry` = (mask, positions, RoPE tables or None, columns) of these queries when the caller has them:
+        after a verify they are the first Q columns of the verify's own (same rows, same start columns)."""
         eng = self.engine
         dev = eng.device
         R, Q = hidden.shape[0], hidden.shape[1]
         streams = [list(t) for t in known]
-        offs = torch.tensor([s.off for s in seqs])
-        cols = torch.tensor(starts)[:, None] + torch.arange(Q)[None, :]  # pads go right, into unused columns
         kv_len = max(starts) + Q
-        eng.cache.ensure_capacity(kv_len)
-        keys = torch.arange(kv_len)
-        allowed = (keys[None, None, :] >= offs[:, None, None]) & (keys[None, None, :] <= cols[:, :, None])
-        mask = eng._additive(allowed[:, None])
-        pos_cpu = (cols - offs[:, None]).clamp_(min=0)
-        pos = pos_cpu.to(dev)
-        at_zero = (pos == 0)[..., None] if bool((pos_cpu == 0).any()) else None
+        at_zero = None
+        if geometry is not None:
+            mask, pos, rope, cols = geometry
+        else:
+            offs = torch.tensor([s.off for s in seqs])
+            cols = torch.tensor(starts)[:, None] + torch.arange(Q)[None, :]  # pads go right, into unused columns
+            eng.cache.ensure_capacity(kv_len)
+            keys = torch.arange(kv_len)
+            allowed = (keys[None, None, :] >= offs[:, None, None]) & (keys[None, None, :] <= cols[:, :, None])
+            mask = eng._additive(allowed[:, None])
+            pos_cpu = (cols - offs[:, None]).clamp_(min=0)
+            pos = pos_cpu.to(dev)
+            at_zero = (pos == 0)[..., None] if bool((pos_cpu == 0).any()) else None
+            rope = None
+        if rope is None:
+            cos, sin = self.inner.rotary_emb(hidden, pos)
+            rope = (cos.unsqueeze(1), sin.unsqueeze(1)) if self.lean is not None else (cos, sin)
         if rows == list(range(R)):  # the whole running batch in order (the usual case): plain slices
             eng.cache.plan_decode(R, cols.to(dev), kv_len)
         else:
             eng.cache.plan_rows(torch.tensor(rows, device=dev), cols.to(dev), kv_len)
-        if self.lean is not None:
-            cos, sin = self.inner.rotary_emb(hidden, pos)
-            rope = (cos.unsqueeze(1), sin.unsqueeze(1))
-        else:
-            rope = self.inner.rotary_emb(hidden, pos)
         last = torch.tensor([n - 1 for n in lengths], device=dev)
         ar = torch.arange(R, device=dev)
         sampling = [s.sampling for s in seqs]
@@ -289,7 +300,8 @@ class MTPSpeculator:
         allowed = (keys[None, None, :] >= offs[:, None, None]) & (keys[None, None, :] <= cols[:, :, None])
         mask = eng._additive(allowed[:, None])
         eng.cache.plan_decode(B, cols.to(dev), kv_len)
-        hidden = self.main_hidden(inp, mask, (cols - offs[:, None]).to(dev))
+        pos = (cols - offs[:, None]).to(dev)
+        hidden, rope = self.main_hidden(inp, mask, pos)
         logits = self.model.lm_head(hidden).float()  # [B, q, V]
         eng.stats["decode_forwards"] += 1
         self.forwards += 1
@@ -311,9 +323,17 @@ class MTPSpeculator:
             lengths = [accepted[i] + 1 for i in idx]
             Q = max(lengths)
             known = [[int(t) for t in inp[i, : accepted[i] + 1]] + [emitted[i][-1]] for i in idx]
-            h = hidden[torch.tensor(idx, device=dev), :Q]
             starts = [int(c[i]) for i in idx]
-            self._draft(alive, [row_of[id(s)] for s in alive], starts, lengths, h, known)
+            # The drafting rows' queries are the first Q of their verify queries: reuse mask, positions, RoPE.
+            sel = None if idx == list(range(B)) else torch.tensor(idx)
+
+            def take(t: torch.Tensor) -> torch.Tensor:
+                return t if sel is None else t[sel.to(t.device)]
+
+            geometry = (take(mask)[:, :, :Q, : max(starts) + Q], take(pos)[:, :Q],
+                        None if rope is None else (take(rope[0])[:, :, :Q], take(rope[1])[:, :, :Q]),
+                        take(cols)[:, :Q])
+            self._draft(alive, [row_of[id(s)] for s in alive], starts, lengths, take(hidden)[:, :Q], known, geometry)
         return finished
 
     def _accept(self, rows: list[Any], inp: torch.Tensor, logits: torch.Tensor, k: int,
