@@ -5,9 +5,9 @@
 
 Workload: held-out chat prompts of the synthetic tasks (arith and code alternating, `--prompts` of them,
 chat template applied), greedy, `--max-tokens` budget, the model's own EOS. For each batch size B the
-prompts go through the engine in chunks of B (batch 1 = one by one, the latency case), once per
-configuration k = 0 (plain decoding), 1, 2, 3 draft tokens, interleaved over `--repeats` rounds
-(best-of) so that load from other processes on a shared machine hits every configuration alike.
+prompts go through the engine in chunks of B (batch 1 = one by one, the latency case); each chunk runs
+under every configuration k = 0 (plain decoding), 1, 2, 3 draft tokens back to back, so slow spells of a
+shared machine hit every configuration alike; the best of `--repeats` such passes is reported.
 Each configuration has its own `LLMEngine` over the *same* model object.
 
 Reported per (batch, k): completion tokens/s by wall clock and per CPU-second (process CPU time, all
@@ -98,20 +98,23 @@ def first_divergence(a: list[int], b: list[int]) -> int:
     return min(len(a), len(b)) if len(a) != len(b) else -1
 
 
-def time_configs(runs: dict[int, Callable[[], Any]], repeats: int) -> tuple[dict[int, dict[str, float]],
-                                                                          dict[int, list[Any]]]:
-    """Best-of-`repeats` wall and CPU seconds per configuration, interleaved (0, 1, 2, 3, 3, 2, 1, 0, ...:
-    the order alternates so no configuration always runs right after another). Outputs of every repeat."""
-    best = {k: {"wall": float("inf"), "cpu": float("inf")} for k in runs}
-    outs: dict[int, list[Any]] = {k: [] for k in runs}
-    order = list(runs)
+def time_interleaved(configs: list[int], n_chunks: int, run_chunk: Callable[[int, int], None],
+                     repeats: int) -> dict[int, dict[str, float]]:
+    """Best-of-`repeats` wall and CPU seconds per configuration. Within a repeat every chunk of prompts runs
+    under each configuration back to back (the order alternating chunk by chunk), so a slow spell of a
+    shared machine (seconds long here) lands on all configurations alike instead of on whichever ran then."""
+    best = {k: {"wall": float("inf"), "cpu": float("inf")} for k in configs}
     for r in range(repeats):
-        for k in (order if r % 2 == 0 else order[::-1]):
-            w, c = time.perf_counter(), time.process_time()
-            outs[k].append(runs[k]())
-            best[k]["wall"] = min(best[k]["wall"], time.perf_counter() - w)
-            best[k]["cpu"] = min(best[k]["cpu"], time.process_time() - c)
-    return best, outs
+        total = {k: {"wall": 0.0, "cpu": 0.0} for k in configs}
+        for ci in range(n_chunks):
+            for k in (configs if (r + ci) % 2 == 0 else configs[::-1]):
+                w, c = time.perf_counter(), time.process_time()
+                run_chunk(k, ci)
+                total[k]["wall"] += time.perf_counter() - w
+                total[k]["cpu"] += time.process_time() - c
+        for k in configs:
+            best[k] = {m: min(best[k][m], total[k][m]) for m in ("wall", "cpu")}
+    return best
 
 
 def run_batch(model: Any, tokenizer: Any, prompts: list[list[int]], B: int, ks: list[int], params: Any,
@@ -125,25 +128,25 @@ def run_batch(model: Any, tokenizer: Any, prompts: list[list[int]], B: int, ks: 
     for eng in engines.values():  # warm-up: allocator, caches, first-call overheads
         eng.generate(chunks[0][:B], params)
 
-    metrics: dict[int, list[dict[str, Any]]] = {k: [] for k in engines}
+    # Per configuration, per repeat: outputs, decode forwards and (speculative) the speculator's metrics.
+    outs: dict[int, list[list[list[int]]]] = {k: [] for k in engines}
     forwards: dict[int, list[int]] = {k: [] for k in engines}
+    metrics: dict[int, list[dict[str, Any]]] = {k: [] for k in engines}
 
-    def make_run(k: int) -> Callable[[], list[list[int]]]:
+    def run_chunk(k: int, ci: int) -> None:
         eng = engines[k]
-
-        def run() -> list[list[int]]:
+        if ci == 0:  # a repeat starts
+            outs[k].append([])
+            forwards[k].append(0)
             if eng.speculator is not None:
                 eng.speculator.reset_metrics()
-            f0 = eng.stats["decode_forwards"]
-            outs = [c[0].token_ids for chunk in chunks for c in eng.generate(chunk, params)]
-            forwards[k].append(eng.stats["decode_forwards"] - f0)
-            if eng.speculator is not None:
-                metrics[k].append(eng.speculator.metrics())
-            return outs
+        f0 = eng.stats["decode_forwards"]
+        outs[k][-1].extend(c[0].token_ids for c in eng.generate(chunks[ci], params))
+        forwards[k][-1] += eng.stats["decode_forwards"] - f0
+        if ci == len(chunks) - 1 and eng.speculator is not None:
+            metrics[k].append(eng.speculator.metrics())
 
-        return run
-
-    best, outs = time_configs({k: make_run(k) for k in engines}, repeats)
+    best = time_interleaved(list(engines), len(chunks), run_chunk, repeats)
     ref = outs[0][0]
     rows = []
     for k in engines:
