@@ -237,7 +237,7 @@ class RewardRouter:
 
     def _abandon(self, fut: Future) -> None:
         self._note(f"{fut.problem_id}: reward_timeout after {self.timeout_s:g}s")  # type: ignore[attr-defined]
-        if not fut.cancel():  # it is running: the hung call keeps its thread, so add one to go on scoring
+        if not fut.cancel() and not fut.done():  # running: the hung call keeps its thread; add one to go on
             self._pool.add_worker()
 
     def _note(self, message: str) -> None:
