@@ -195,6 +195,16 @@ class MTPSpeculator:
         x = self.lean.block(layer, x, cos, sin, mask, self.engine.cache, self.L + j, norm=fused_rms_norm)
         return fused_rms_norm(layer.final_layernorm, x)
 
+    def _window(self, starts: torch.Tensor, offs: torch.Tensor, width: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Queries at columns start .. start + width - 1 per row: (columns [R, width], kv_len, additive mask
+        [R, 1, width, kv_len] letting each see its row's columns from `off` up to itself); the cache grows to fit."""
+        cols = starts[:, None] + torch.arange(width)[None, :]
+        kv_len = int(cols.max()) + 1
+        self.engine.cache.ensure_capacity(kv_len)
+        keys = torch.arange(kv_len)
+        allowed = (keys[None, None, :] >= offs[:, None, None]) & (keys[None, None, :] <= cols[:, :, None])
+        return cols, kv_len, self.engine._additive(allowed[:, None])
+
     # ------------------------------------------------------------ drafting
     def _draft(self, seqs: list[Any], rows: list[int], starts: list[int], lengths: list[int],
                hidden: torch.Tensor, known: list[list[int]], geometry: Geometry | None = None) -> None:
@@ -217,11 +227,7 @@ class MTPSpeculator:
             mask, pos, rope, cols = geometry
         else:
             offs = torch.tensor([s.off for s in seqs])
-            cols = torch.tensor(starts)[:, None] + torch.arange(Q)[None, :]  # pads go right, into unused columns
-            eng.cache.ensure_capacity(kv_len)
-            keys = torch.arange(kv_len)
-            allowed = (keys[None, None, :] >= offs[:, None, None]) & (keys[None, None, :] <= cols[:, :, None])
-            mask = eng._additive(allowed[:, None])
+            cols, kv_len, mask = self._window(torch.tensor(starts), offs, Q)  # pads go right, into unused columns
             pos_cpu = (cols - offs[:, None]).clamp_(min=0)
             pos = pos_cpu.to(dev)
             at_zero = (pos == 0)[..., None] if bool((pos_cpu == 0).any()) else None
@@ -293,12 +299,7 @@ class MTPSpeculator:
         k = max(0, min(self.k, eng.cache.max_len - 1 - int(c.max())))
         q = k + 1
         inp = torch.tensor([[s.last] + s.drafts[:k] for s in rows], device=dev)
-        cols = c[:, None] + torch.arange(q)[None, :]
-        kv_len = int(cols.max()) + 1
-        eng.cache.ensure_capacity(kv_len)
-        keys = torch.arange(kv_len)
-        allowed = (keys[None, None, :] >= offs[:, None, None]) & (keys[None, None, :] <= cols[:, :, None])
-        mask = eng._additive(allowed[:, None])
+        cols, kv_len, mask = self._window(c, offs, q)
         eng.cache.plan_decode(B, cols.to(dev), kv_len)
         pos = (cols - offs[:, None]).to(dev)
         hidden, rope = self.main_hidden(inp, mask, pos)
