@@ -119,9 +119,29 @@ def eval_cmd(
         if line:
             typer.echo(line)
     for s in summaries:
-        pk = " ".join(f"pass@{k}={100 * v:.1f}" for k, v in s["pass_at_k"].items())
-        typer.echo(f"{s['task']}: accuracy {100 * s['accuracy']:.1f}% ({s['n_problems']} problems x "
-                   f"{s['n_samples']} samples) {pk} -> {output / s['task']}")
+        typer.echo(summary_line(s, output))
+        hint = no_answer_hint(s)
+        if hint:
+            typer.echo(hint)
+
+
+def summary_line(s: dict[str, Any], output: Path) -> str:
+    pk = " ".join(f"pass@{k}={100 * v:.1f}" for k, v in s["pass_at_k"].items())
+    trunc = s.get("truncation_rate")
+    return (f"{s['task']}: accuracy {100 * s['accuracy']:.1f}% (strict; flexible {100 * s['accuracy_flexible']:.1f}%, "
+            f"no answer {100 * s['no_answer_rate']:.1f}% / {100 * s['no_answer_rate_flexible']:.1f}%"
+            + ("" if trunc is None else f", truncated {100 * trunc:.1f}%")
+            + f") ({s['n_problems']} problems x {s['n_samples']} samples) {pk} -> {output / s['task']}")
+
+
+def no_answer_hint(s: dict[str, Any]) -> str | None:
+    """Why a model that does not write the prompt's format scores near 0: said once, with what to look at."""
+    strict_none, flexible_none = s["no_answer_rate"], s["no_answer_rate_flexible"]
+    if strict_none < 0.5 or strict_none - flexible_none < 0.25:
+        return None
+    formats = ", ".join((s.get("grading") or {}).get("strict") or []) or "the task's format"
+    return (f"note: {100 * strict_none:.0f}% of {s['task']} responses have no answer in the strict format ({formats}); "
+            f"flexible extraction finds one in {100 * (1 - flexible_none):.0f}% (accuracy_flexible in summary.json)")
 
 
 def report_cmd(

@@ -63,11 +63,44 @@ def score_one(task: Task, problem: Problem, response: str) -> Score:
     return task.score(problem, response)
 
 
-def sample_row(problem: Problem, index: int, response: str, score: Score, extra: dict[str, Any]) -> dict[str, Any]:
-    details = score.details if _jsonable(score.details) else {}
-    return {"problem_id": problem.id, "sample_index": index, "response": response,
-            "extracted": score.extracted, "correct": bool(score.correct), "reward": float(score.reward),
-            "reason": score.reason, **extra, **({"details": details} if details else {})}
+def answer_format(task: Task) -> Any:
+    """The task's declared `AnswerFormat` when it grades strict and flexible apart (math benchmarks), else None."""
+    return getattr(task, "answer_format", None) if callable(getattr(task, "grade", None)) else None
+
+
+def grade_response(task: Task, problem: Problem, response: str, truncated: bool = False) -> tuple[Score, Score | None]:
+    """(strict, flexible) scores. Strict is the headline: the prompt's format (`\\boxed{}`) and the benchmark's
+    own answer marker. Flexible is None for a task with a single rule (code, multiple choice, synthetic)."""
+    fmt = answer_format(task)
+    if not response or not response.strip():
+        empty = Score(False, 0.0, "no_answer")
+        return empty, (empty if fmt is not None else None)
+    if fmt is None:
+        return task.score(problem, response), None
+    strict = task.grade(problem, response, truncated=truncated)  # type: ignore[attr-defined]
+    if strict.extracted is not None:  # flexible extraction tries the strict rules first: same answer
+        return strict, strict
+    return strict, task.grade(problem, response, flexible=True, truncated=truncated)  # type: ignore[attr-defined]
+
+
+def is_truncated(extra: dict[str, Any]) -> bool | None:
+    """Whether the length limit cut the response off: an explicit `truncated` field, else finish_reason
+    "length"; None when neither is known (an API or file that does not say)."""
+    if extra.get("truncated") is not None:
+        return bool(extra["truncated"])
+    return extra["finish_reason"] == "length" if extra.get("finish_reason") else None
+
+
+def sample_row(problem: Problem, index: int, response: str, score: Score, extra: dict[str, Any],
+               flexible: Score | None = None) -> dict[str, Any]:
+    details = {k: v for k, v in score.details.items() if k != "extracted_by"} if _jsonable(score.details) else {}
+    row = {"problem_id": problem.id, "sample_index": index, "response": response,
+           "extracted": score.extracted, "correct": bool(score.correct), "reward": float(score.reward),
+           "reason": score.reason}
+    if flexible is not None:
+        row.update({"extracted_flexible": flexible.extracted, "correct_flexible": bool(flexible.correct),
+                    "reason_flexible": flexible.reason, "extracted_by": flexible.details.get("extracted_by")})
+    return {**row, **extra, **({"details": details} if details else {})}
 
 
 def _jsonable(obj: Any) -> bool:
@@ -84,7 +117,10 @@ def score_many(task: Task, items: list[tuple[Problem, int, str, dict[str, Any]]]
     (the verifier runs code and math checks in subprocesses, so threads overlap their waiting)."""
     def one(item: tuple[Problem, int, str, dict[str, Any]]) -> dict[str, Any]:
         problem, index, response, extra = item
-        return sample_row(problem, index, response, score_one(task, problem, response), extra)
+        truncated = is_truncated(extra)
+        extra = {**extra, **({"truncated": truncated} if truncated is not None else {})}
+        strict, flexible = grade_response(task, problem, response, bool(truncated))
+        return sample_row(problem, index, response, strict, extra, flexible)
 
     if workers <= 1 or len(items) <= 1:
         return [one(it) for it in items]
@@ -143,7 +179,11 @@ def finalize(task: Task, problems: list[Problem], rows: list[dict[str, Any]], co
     rows = [r for r in rows if r["problem_id"] in wanted and (n is None or r["sample_index"] < n)]
     rows.sort(key=lambda r: (r["problem_id"], r["sample_index"]))
     metrics = summarize(rows, {p.id: p.meta for p in problems}, kind=task.kind)
-    summary = {"task": task.name, **metrics, **run_metadata(config, seed)}
+    fmt = answer_format(task)
+    # How answers were read, so a 0% strict score with a high no-answer rate explains itself.
+    grading = {"headline": "strict", **(fmt.describe() if fmt is not None else {"strict": ["the task's own rule"],
+                                                                                "flexible": ["same as strict"]})}
+    summary = {"task": task.name, **metrics, "grading": grading, **run_metadata(config, seed)}
     if task_dir is not None:
         if not samples_written:
             atomic_write_text(task_dir / SAMPLES, "".join(json.dumps(r) + "\n" for r in rows))
@@ -253,7 +293,8 @@ def _completion_extra(c: Completion) -> dict[str, Any]:
 
 
 def read_responses(path: str | Path, task: Task, problems: list[Problem]) -> list[tuple[Problem, int, str, dict]]:
-    """Rows `{"problem_id", "response"}` (optional `sample_index`, `finish_reason`, `completion_tokens`).
+    """Rows `{"problem_id", "response"}` (optional `sample_index`, `finish_reason`, `truncated` (bool: cut off
+    by the length limit, as finish_reason "length"), `completion_tokens`).
     Several rows per id are several samples. Ids may be thinkforge's (`math500/test/...`) or the
     benchmark's own (`test/...`, `HumanEval/0`)."""
     path = Path(path)
@@ -291,7 +332,10 @@ def read_responses(path: str | Path, task: Task, problems: list[Problem]) -> lis
         elif not isinstance(idx, int) or idx < 0:
             raise ThinkforgeError(f"{where}: field 'sample_index' must be a non-negative integer")
         counters[problem.id] = max(counters.get(problem.id, 0), idx + 1)
-        extra = {k: row[k] for k in ("finish_reason", "completion_tokens", "prompt_tokens") if k in row}
+        if row.get("truncated") is not None and not isinstance(row["truncated"], bool):
+            raise ThinkforgeError(f"{where}: field 'truncated' must be true or false, got {row['truncated']!r}")
+        extra = {k: row[k] for k in ("finish_reason", "truncated", "completion_tokens", "prompt_tokens")
+                 if row.get(k) is not None}
         out.append((problem, idx, row["response"], extra))
     if not out:
         raise ThinkforgeError(f"{path}: no responses")

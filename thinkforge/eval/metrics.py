@@ -2,6 +2,12 @@
 
 All functions take plain per-sample records so re-scored files and fresh generations share them,
 and iterate in sorted order so the same samples give bit-identical numbers.
+
+Two gradings side by side. Strict (`correct`, `extracted`) is the headline: `accuracy`, `pass_at_k`,
+`maj_at_k`, `breakdown` and `no_answer_rate` use it, so numbers stay comparable with published boxed-answer
+evaluations and with the RL reward. Flexible (`correct_flexible`, `extracted_flexible`, when the task grades
+both) gives `accuracy_flexible`, `maj_at_k_flexible` (votes over the flexible answers) and
+`no_answer_rate_flexible`; a sample without them (a task with one rule) counts the same under both.
 """
 
 from __future__ import annotations
@@ -83,13 +89,16 @@ def summarize(samples: Iterable[dict[str, Any]], problem_meta: dict[str, dict[st
     n_max = max(counts) if counts else 0
     all_samples = [s for pid in ids for s in per_problem[pid]]
 
-    def solve_rate(pid: str) -> float:
-        v = per_problem[pid]
-        return sum(bool(s["correct"]) for s in v) / len(v) if v else 0.0
+    def flexible_ok(s: dict[str, Any]) -> bool:
+        return bool(s.get("correct_flexible", s["correct"]))
 
-    def acc(pids: list[str]) -> float:
+    def solve_rate(pid: str, ok: Any = lambda s: bool(s["correct"])) -> float:
+        v = per_problem[pid]
+        return sum(ok(s) for s in v) / len(v) if v else 0.0
+
+    def acc(pids: list[str], ok: Any = lambda s: bool(s["correct"])) -> float:
         # avg@n: mean over problems of the fraction of that problem's samples that are correct.
-        return round(float(np.mean([solve_rate(p) for p in pids])), 6) if pids else 0.0
+        return round(float(np.mean([solve_rate(p, ok) for p in pids])), 6) if pids else 0.0
 
     rates = [solve_rate(p) for p in ids]
     # Standard error over problems: how much the accuracy would move on another draw of problems.
@@ -98,14 +107,18 @@ def summarize(samples: Iterable[dict[str, Any]], problem_meta: dict[str, dict[st
     ks = [k for k in (ks or default_ks(n_min)) if 1 <= k <= n_min]
     pass_k = {}
     maj_k: dict[str, float] | None = {} if kind != "code" else None
+    maj_k_flex: dict[str, float] | None = {} if kind != "code" else None
     for k in ks:
         pass_k[str(k)] = round(float(np.mean([
             pass_at_k(len(v), sum(bool(s["correct"]) for s in v), k) for v in per_problem.values()])), 6)
-        if maj_k is not None:
+        if maj_k is not None and maj_k_flex is not None:
             # maj@k votes over the first k samples of each problem (a deterministic choice of subset).
             maj_k[str(k)] = round(float(np.mean([
                 majority([(normalise_answer(s.get("extracted")), bool(s["correct"])) for s in v[:k]])
                 for v in per_problem.values()])), 6)
+            maj_k_flex[str(k)] = round(float(np.mean([
+                majority([(normalise_answer(s.get("extracted_flexible", s.get("extracted"))), flexible_ok(s))
+                          for s in v[:k]]) for v in per_problem.values()])), 6)
 
     breakdown: dict[str, dict[str, dict[str, Any]]] = {}
     for key in BREAKDOWN_KEYS:
@@ -120,14 +133,20 @@ def summarize(samples: Iterable[dict[str, Any]], problem_meta: dict[str, dict[st
 
     chars = [len(s.get("response") or "") for s in all_samples]
     tokens = [s["completion_tokens"] for s in all_samples if s.get("completion_tokens") is not None]
-    finish = [s.get("finish_reason") for s in all_samples]
-    known_finish = [f for f in finish if f]
+    # Truncated (cut off by the length limit): an explicit `truncated`, else finish_reason "length"; samples
+    # whose finish is unknown (some APIs, some files) are left out of the rate rather than counted as complete.
+    cut = [s["truncated"] if s.get("truncated") is not None else s["finish_reason"] == "length"
+           for s in all_samples if s.get("truncated") is not None or s.get("finish_reason")]
     reasons = Counter(str(s.get("reason", "")) for s in all_samples)
+    flexible_none = sum(s.get("reason_flexible", s.get("reason")) == "no_answer" for s in all_samples)
     return {
         "accuracy": acc(ids),
         "accuracy_stderr": stderr,
+        "accuracy_strict": acc(ids),
+        "accuracy_flexible": acc(ids, flexible_ok),
         "pass_at_k": pass_k,
         "maj_at_k": maj_k,
+        "maj_at_k_flexible": maj_k_flex,
         "n_problems": len(ids),
         "n_samples": n_min if n_min == n_max else {"min": n_min, "max": n_max},
         "n_responses": len(all_samples),
@@ -137,10 +156,11 @@ def summarize(samples: Iterable[dict[str, Any]], problem_meta: dict[str, dict[st
         "breakdown": breakdown,
         "reasons": dict(sorted(reasons.items())),
         "no_answer_rate": round(reasons.get("no_answer", 0) / len(all_samples), 6) if all_samples else 0.0,
+        "no_answer_rate_flexible": round(flexible_none / len(all_samples), 6) if all_samples else 0.0,
         "length_chars": _stats(chars),
         "length_tokens": _stats(tokens) if len(tokens) == len(all_samples) else {},
-        "truncation_rate": (round(sum(f == "length" for f in known_finish) / len(known_finish), 6)
-                            if known_finish else None),
+        "n_truncated": sum(cut),
+        "truncation_rate": round(sum(cut) / len(cut), 6) if cut else None,
     }
 
 

@@ -74,19 +74,22 @@ def build_table(summaries: list[tuple[str, dict[str, Any]]], references: list[di
 def render_markdown(summaries: list[tuple[str, dict[str, Any]]], references: list[dict[str, Any]] | None = None,
                     plot_name: str | None = None) -> str:
     tasks, table = build_table(summaries, references)
-    lines = ["# Evaluation report", "", "Accuracy is avg@n pass@1 in percent.", "",
+    lines = ["# Evaluation report", "", "Accuracy is avg@n pass@1 in percent, strict grading (the prompt's format, "
+             "`\\boxed{}`, or the benchmark's own answer marker such as GSM8K's `#### N`). The runs table adds "
+             "flexible grading (also \"The answer is N\", \"Answer: N\" and, for numeric benchmarks, the last "
+             "number) and the share of responses with no answer under each.", "",
              "| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
     for label, vals, _ in table:
         cells = [f"{vals[t]:.1f}" if t in vals else "–" for t in tasks]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "## Runs", "", "| run | task | accuracy | pass@k | maj@k | samples | problems | truncated | "
-              "config hash |", "|---|---|---:|---|---|---:|---:|---:|---|"]
+    lines += ["", "## Runs", "", "| run | task | strict | flexible | no answer (strict / flexible) | pass@k | maj@k | "
+              "samples | problems | truncated | config hash |", "|---|---|---:|---:|---:|---|---|---:|---:|---:|---|"]
     for label, s in summaries:
         pk = ", ".join(f"@{k}: {100 * v:.1f}" for k, v in (s.get("pass_at_k") or {}).items())
         mk = ", ".join(f"@{k}: {100 * v:.1f}" for k, v in (s.get("maj_at_k") or {}).items()) or "–"
-        trunc = s.get("truncation_rate")
-        lines.append(f"| {label} | {s['task']} | {100 * s['accuracy']:.1f} | {pk} | {mk} | {s.get('n_samples')} | "
-                     f"{s.get('n_problems')} | {'–' if trunc is None else f'{100 * trunc:.1f}%'} | "
+        lines.append(f"| {label} | {s['task']} | {100 * s['accuracy']:.1f} | {_percent(s.get('accuracy_flexible'))} | "
+                     f"{_percent(s.get('no_answer_rate'))} / {_percent(s.get('no_answer_rate_flexible'))} | {pk} | "
+                     f"{mk} | {s.get('n_samples')} | {s.get('n_problems')} | {_truncated(s)} | "
                      f"`{s.get('config_hash', '')}` |")
     breakdowns = [(label, s) for label, s in summaries if s.get("breakdown")]
     for label, s in breakdowns:
@@ -103,6 +106,18 @@ def render_markdown(summaries: list[tuple[str, dict[str, Any]]], references: lis
     if plot_name:
         lines += ["", f"![accuracy]({plot_name})"]
     return "\n".join(lines) + "\n"
+
+
+def _percent(value: Any) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"  # older summaries lack the flexible keys
+
+
+def _truncated(summary: dict[str, Any]) -> str:
+    rate = summary.get("truncation_rate")
+    if rate is None:
+        return "–"
+    n = summary.get("n_truncated")
+    return f"{100 * rate:.1f}%" + (f" ({n})" if n is not None else "")
 
 
 def render_plot(summaries: list[tuple[str, dict[str, Any]]], path: str | Path,

@@ -20,6 +20,13 @@ from typing import Any
 
 from thinkforge.errors import ThinkforgeError
 from thinkforge.tasks.base import Problem, Score, Task, register_task
+from thinkforge.verify.grader import (
+    BOXED_ONLY,
+    GSM8K_MARKER,
+    MINERVA_MARKER,
+    AnswerFormat,
+    extract_answer,
+)
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "benchmarks"
 
@@ -74,16 +81,19 @@ def clean_answer(answer: str) -> str:
     return answer.replace("\\$", "").replace("\\!", "").strip()
 
 
-def score_math(problem: Problem, response: str) -> Score:
-    from thinkforge.verify import extract_boxed, math_equal
+def score_math(problem: Problem, response: str, fmt: AnswerFormat = BOXED_ONLY, *, flexible: bool = False,
+               truncated: bool = False) -> Score:
+    """Grades the final answer `fmt` reads out of `response` (strict rules, or flexible ones) against the gold.
+    With the default format this is the boxed answer, as the RL math reward reads it."""
+    from thinkforge.verify import math_equal
 
-    extracted = extract_boxed(response) if response else None
+    extracted, how = extract_answer(response, fmt, flexible=flexible, truncated=truncated)
     if extracted is None or not clean_answer(extracted):
         return Score(False, 0.0, "no_answer")
     pred, gold = clean_answer(extracted), clean_answer(problem.answer)
     # Identical text needs no symbolic check (and cannot fall foul of the grader's timeout).
     ok = "".join(pred.split()) == "".join(gold.split()) or math_equal(pred, gold)
-    return Score(ok, float(ok), "correct" if ok else "wrong_answer", extracted)
+    return Score(ok, float(ok), "correct" if ok else "wrong_answer", extracted, details={"extracted_by": how})
 
 
 def score_tests(problem: Problem, code: str | None, timeout_s: float = 10.0, prefix: str = "") -> Score:
@@ -107,6 +117,9 @@ class BenchmarkTask(Task):
     splits = ("test", "heldout")
     default_split = "test"
     source = ""  # where the data comes from (file, package or hub dataset), recorded in summaries
+    # How final answers are written (math benchmarks): strict and flexible extraction follow it. None for
+    # code and multiple-choice benchmarks, which have one extraction rule (strict and flexible agree).
+    answer_format: AnswerFormat | None = None
 
     def load(self) -> list[Problem]:
         raise NotImplementedError
@@ -135,12 +148,18 @@ class BenchmarkTask(Task):
         return list(pool)
 
     def score(self, problem: Problem, response: str) -> Score:
-        return score_math(problem, response)
+        return self.grade(problem, response)
+
+    def grade(self, problem: Problem, response: str, *, flexible: bool = False, truncated: bool = False) -> Score:
+        """The strict score (the headline: the prompt's format and the benchmark's own marker), or with
+        `flexible` the score under the field's looser conventions; `truncated`: cut off by the length limit."""
+        return score_math(problem, response, self.answer_format or BOXED_ONLY, flexible=flexible, truncated=truncated)
 
 
 class ShippedMath(BenchmarkTask):
     kind = "math"
     file = ""
+    answer_format = AnswerFormat()
 
     @property
     def source(self) -> str:  # type: ignore[override]
@@ -156,6 +175,8 @@ class Math500(ShippedMath):
     """MATH-500 (Lightman et al., "Let's Verify Step by Step"): 500 MATH test problems, levels 1-5."""
 
     file = "math500.jsonl"
+    # Minerva's answer line (lm-evaluation-harness minerva_math) is MATH's own answer form besides the box.
+    answer_format = AnswerFormat(markers=(MINERVA_MARKER,))
 
     def load(self) -> list[Problem]:
         out = []
@@ -173,6 +194,8 @@ class Math500(ShippedMath):
 
 class Competition(ShippedMath):
     """AIME / AMC: integer answers; the shipped `id` is the problem's identity within the year."""
+
+    answer_format = AnswerFormat(numeric=True)
 
     def load(self) -> list[Problem]:
         out = []
@@ -210,6 +233,8 @@ class Gsm8k(ShippedMath):
     """GSM8K test (1319 problems). The gold answer follows `####` in the reference solution."""
 
     file = "gsm8k.jsonl"
+    # GSM8K's own answer line "#### 18" (lm-evaluation-harness strict-match) counts as strict like a box.
+    answer_format = AnswerFormat(markers=(GSM8K_MARKER,), numeric=True)
 
     def load(self) -> list[Problem]:
         out = []
@@ -228,16 +253,6 @@ class Gsm8k(ShippedMath):
                 solution=f"{steps}\nThe answer is $\\boxed{{{answer}}}$.", meta={"question": q, "source_id": source_id},
             ))
         return out
-
-    def score(self, problem: Problem, response: str) -> Score:
-        # GSM8K-style models often end with "#### 42" rather than a box: accept it as the final answer.
-        from thinkforge.verify import extract_boxed
-
-        if response and extract_boxed(response) is None:
-            m = re.search(r"####\s*([-+]?[\d,]*\.?\d+)", response)
-            if m:
-                return score_math(problem, f"\\boxed{{{m.group(1).replace(',', '')}}}")
-        return score_math(problem, response)
 
 
 HUMANEVAL_PROMPT = ("Complete the following Python function. Reply with the complete function in a "

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\b")
@@ -324,3 +325,131 @@ def choice_equal(response: str, gold_letter: str) -> bool:
     """Whether the final letter chosen in `response` is `gold_letter` (GPQA-style, case-insensitive)."""
     choice = extract_choice(response)
     return choice is not None and isinstance(gold_letter, str) and choice == gold_letter.strip().strip("()").upper()
+
+
+# --------------------------------------------------------------------------- final-answer extraction
+# Follows the field's conventions (lm-evaluation-harness's gsm8k strict-match / flexible-extract filters and
+# minerva_math answer line, Qwen2.5-Math's `extract_answer`): `\boxed{}` first, then the benchmark's own
+# answer marker, then generic phrases, then, for numeric benchmarks only, the last number.
+
+
+@dataclass(frozen=True)
+class AnswerMarker:
+    """A phrase that introduces a final answer; the answer is the rest of its line (or the next line when the
+    phrase ends its line). `take`: "first" for a benchmark's own marker (a few-shot model that runs on into an
+    invented next problem answers that one too, as lm-evaluation-harness's take_first assumes), "last" else."""
+
+    name: str
+    pattern: re.Pattern[str]
+    take: str = "last"
+
+
+GSM8K_MARKER = AnswerMarker("#### N", re.compile(r"####"), take="first")
+MINERVA_MARKER = AnswerMarker("Final Answer: The final answer is X. I hope it is correct.",
+                              re.compile(r"Final Answer:\s*The final answer is\b"), take="first")
+GENERIC_PHRASES = (
+    AnswerMarker("final answer is / Final Answer:", re.compile(r"\bfinal answer\b(?:\s*\**\s*(?:is\b|:))?", re.I)),
+    AnswerMarker("the answer is", re.compile(r"\bthe (?:correct |final )?answer is\b", re.I)),
+    AnswerMarker("Answer: / A: (line start)", re.compile(r"^[ \t]*(?:\*\*)?(?:A|Answer|ANSWER)(?:\*\*)?[ \t]*:", re.M)),
+)
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """How a benchmark's final answers are written, declared by the benchmark (not an if-else on task names).
+
+    strict: `\\boxed{}` (the prompt's required format) when `boxed`, then the benchmark's own `markers`.
+    flexible: strict first, then the generic `phrases`, then, when `numeric`, the last number in the response.
+    `numeric`: answers are plain numbers, so a phrase's answer must start with a number and is reduced to it
+    ("18 apples." -> "18"). A truncated response gets no last-number fallback, and a marker's answer that runs
+    into the cut (its line neither ends nor closes) is not read: the number there may be the start of another.
+    """
+
+    boxed: bool = True
+    markers: tuple[AnswerMarker, ...] = ()
+    phrases: tuple[AnswerMarker, ...] = GENERIC_PHRASES
+    numeric: bool = False
+
+    def describe(self) -> dict[str, list[str]]:
+        strict = (["\\boxed{}"] if self.boxed else []) + [m.name for m in self.markers]
+        return {"strict": strict, "flexible": strict + [p.name for p in self.phrases]
+                + (["last number (not in truncated responses)"] if self.numeric else [])}
+
+
+BOXED_ONLY = AnswerFormat(phrases=())
+
+# A number as written in prose: thousands separators, decimals; a minus only where it cannot be a hyphen or
+# a subtraction ("9-2" is not -2).
+_NUMBER_IN_TEXT = re.compile(r"(?:(?<![\w)\]}])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?!\d)")
+_MATH_SPAN = re.compile(r"\$\$?\s*(.+?)\s*\$\$?|\\\(\s*(.+?)\s*\\\)|\\\[\s*(.+?)\s*\\\]", re.S)
+_COMPLETE_END = (".", "$", "}", ")", "]", "*", "!")
+
+
+def _number(text: str) -> str | None:
+    """The first number in `text` (after its last "=": "5 * 3 = 15" is 15), commas dropped."""
+    match = _NUMBER_IN_TEXT.search(text.split("=")[-1])
+    return match.group(0).replace(",", "") if match else None
+
+
+def _answer_after(text: str, end: int, numeric: bool, truncated: bool) -> str | None:
+    """The answer written after a marker that ends at `end`: a math span, else the sentence up to its period."""
+    rest = text[end:]
+    line, newline, after = rest.partition("\n")
+    if not line.strip(" \t:*") and newline:  # "The answer is:\n\n$$18$$": the answer is on the next line
+        lines = after.lstrip("\n \t")
+        line, newline, _ = lines.partition("\n")
+    span = line.strip().lstrip(":").strip().strip("*").strip()
+    if truncated and not newline and not span.endswith(_COMPLETE_END):
+        return None  # the answer runs into the length cut
+    if span.startswith("\\boxed") or span.startswith("\\fbox"):
+        return extract_boxed(span)
+    math = _MATH_SPAN.search(span)
+    if math and (math.start() == 0 or not numeric):
+        span = next(g for g in math.groups() if g is not None)
+    else:
+        span = re.split(r"\.(?:\s|$)", span, maxsplit=1)[0]
+    span = span.strip().rstrip(".,;:!").strip("*").strip()
+    if numeric:
+        # "18", "$18", "\$1,234.50 per week" are answers; "Janet has 16 eggs" is the start of a solution.
+        if not re.match(r"(?:\\?\$|\\text\{\$?)?\s*-?\.?\d", span):
+            return None
+        return _number(span)
+    return span or None
+
+
+def _marked_answer(text: str, markers: tuple[AnswerMarker, ...], numeric: bool, truncated: bool
+                   ) -> tuple[str, str] | None:
+    """(answer, marker name) for the latest-placed usable marker among `markers`."""
+    candidates = []
+    for marker in markers:
+        matches = list(marker.pattern.finditer(text))
+        if marker.take == "first":
+            matches = matches[:1]
+        candidates += [(m.start(), m.end(), marker.name) for m in matches]
+    for _, end, name in sorted(candidates, reverse=True):  # the last stated answer first
+        answer = _answer_after(text, end, numeric, truncated)
+        if answer:
+            return answer, name
+    return None
+
+
+def extract_answer(text: str, fmt: AnswerFormat = BOXED_ONLY, *, flexible: bool = False,
+                   truncated: bool = False) -> tuple[str | None, str | None]:
+    """(final answer, how it was found) under `fmt`'s strict rules, or its flexible rules; (None, None) if none.
+
+    How: "boxed", a marker's name, or "last number". Strict with `BOXED_ONLY` is exactly `extract_boxed`.
+    """
+    if not isinstance(text, str) or not text.strip():
+        return None, None
+    if fmt.boxed:
+        boxed = extract_boxed(text)
+        if boxed:
+            return boxed, "boxed"
+    found = _marked_answer(text, fmt.markers, fmt.numeric, truncated)
+    if found is None and flexible:
+        found = _marked_answer(text, fmt.phrases, fmt.numeric, truncated)
+        if found is None and fmt.numeric and not truncated:
+            numbers = _NUMBER_IN_TEXT.findall(text)
+            if numbers:
+                found = numbers[-1].replace(",", ""), "last number"
+    return found if found is not None else (None, None)
