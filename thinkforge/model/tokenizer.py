@@ -42,3 +42,37 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
     fast.chat_template = CHAT_TEMPLATE
     fast.model_max_length = 1_000_000
     return fast
+
+
+# Qwen2.5-VL's vision special tokens; each <|image_pad|> is expanded by the processor to one token per
+# merged 28x28 patch of its image.
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+VISION_TOKENS = [VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD]
+
+# ChatML with Qwen2-VL content parts: a message's content is a string or a list of {"type": "image"} /
+# {"type": "text", "text": ...} parts; an image part becomes <|vision_start|><|image_pad|><|vision_end|>.
+VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def add_vision_tokens(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """The same tokenizer plus the vision special tokens (appended ids, so text ids are unchanged) and the
+    content-part chat template; `image_token` / `image_token_id` are what Qwen2.5-VL's processor reads."""
+    tokenizer.add_special_tokens({"additional_special_tokens": [IM_START, IM_END, *VISION_TOKENS]})
+    tokenizer.chat_template = VL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def train_vl_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """`train_tokenizer` + the vision special tokens (the VL models' tokenizer)."""
+    return add_vision_tokens(train_tokenizer(texts, vocab_size))
