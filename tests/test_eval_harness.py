@@ -167,3 +167,44 @@ def test_backend_returning_wrong_count_is_an_error():
 
     with pytest.raises(ThinkforgeError, match="returned"):
         evaluate(EchoTask(), Short(), PARAMS)
+
+
+class GsmBackend(Backend):
+    """Answers each GSM8K prompt with its gold number in four shapes: boxed, "The answer is N.", and two cut off
+    by max_tokens (one ending in the gold number, one with a complete "The answer is N." line before the cut)."""
+
+    name = "gsm-shapes"
+
+    def __init__(self, gold: dict[str, str]):
+        self.gold = gold
+
+    def generate(self, prompts, params):
+        raise NotImplementedError
+
+    def chat(self, conversations, params):
+        out = []
+        for conv in conversations:
+            n = self.gold[conv[-1]["content"]]
+            texts = [(f"So it is \\boxed{{{n}}}.", "stop"), (f"Adding up gives {n}. The answer is {n}.", "stop"),
+                     (f"Adding up step by step: 3 + 4 = 7, then {n}", "length"),
+                     (f"The answer is {n}.\nLet me double-check this by adding", "length")]
+            out.append([Completion(text=t, token_ids=[1] * 4, finish_reason=f) for t, f in texts[:params.n]])
+        return out
+
+
+def test_generation_grades_strict_and_flexible_and_counts_truncation(tmp_path):
+    from thinkforge.tasks.base import get_task
+
+    task = get_task("gsm8k")
+    problems = task.problems(n=3, seed=0)
+    backend = GsmBackend({p.prompt: p.answer for p in problems})
+    s = evaluate(task, backend, SamplingParams(temperature=0.6, max_tokens=4, n=4), problems=problems,
+                 output_dir=tmp_path)
+    # Strict: the boxed sample. Flexible adds "The answer is N." twice; the sample ending in a bare number at
+    # the cut is not graded from that number.
+    assert s["accuracy"] == pytest.approx(0.25) and s["accuracy_flexible"] == pytest.approx(0.75)
+    assert s["n_truncated"] == 6 and s["truncation_rate"] == pytest.approx(0.5)
+    assert s["no_answer_rate"] == pytest.approx(0.75) and s["no_answer_rate_flexible"] == pytest.approx(0.25)
+    rows = [json.loads(x) for x in (tmp_path / "gsm8k/samples.jsonl").read_text().splitlines()]
+    assert [r["truncated"] for r in rows[:4]] == [False, False, True, True]
+    assert [r["extracted_by"] for r in rows[:4]] == ["boxed", "the answer is", None, "the answer is"]

@@ -89,3 +89,30 @@ def test_summarize_order_independent():
 def test_code_tasks_have_no_majority_vote():
     s = summarize([sample("a", 0, True, "def f(): pass")], {"a": {}}, kind="code")
     assert s["maj_at_k"] is None and s["truncation_rate"] is None
+
+
+def test_summarize_strict_and_flexible_side_by_side():
+    def row(pid, i, strict, flexible, **kw):
+        # (answer, correct) under each grading; None = no answer extracted.
+        return {**sample(pid, i, strict[1], strict[0]), "reason": "no_answer" if strict[0] is None else
+                ("correct" if strict[1] else "wrong_answer"), "extracted_flexible": flexible[0],
+                "correct_flexible": flexible[1],
+                "reason_flexible": "no_answer" if flexible[0] is None else ("correct" if flexible[1] else "wrong_answer"),
+                **kw}
+
+    samples = [
+        row("a", 0, ("5", True), ("5", True), finish_reason="stop"),
+        row("a", 1, (None, False), ("6", False), finish_reason="stop"),
+        row("a", 2, (None, False), ("6", False), finish_reason="length", truncated=False),  # explicit field wins
+        row("b", 0, (None, False), ("1", True), truncated=True),
+        row("b", 1, (None, False), (None, False)),  # unknown finish: left out of the truncation rate
+        {**sample("b", 2, True, "1"), "reason": "correct"},  # a row without flexible fields counts the same
+    ]
+    s = summarize(samples, {"a": {}, "b": {}})
+    assert s["accuracy"] == s["accuracy_strict"] == pytest.approx((1 / 3 + 1 / 3) / 2, abs=1e-6)
+    assert s["accuracy_flexible"] == pytest.approx((1 / 3 + 2 / 3) / 2, abs=1e-6)
+    assert s["no_answer_rate"] == pytest.approx(4 / 6, abs=1e-6)
+    assert s["no_answer_rate_flexible"] == pytest.approx(1 / 6, abs=1e-6)
+    # a: strict votes "5" alone (right); flexible votes "6" twice against "5" once (wrong). b: "1" both ways.
+    assert s["maj_at_k"]["3"] == 1.0 and s["maj_at_k_flexible"]["3"] == 0.5
+    assert s["n_truncated"] == 1 and s["truncation_rate"] == pytest.approx(1 / 4, abs=1e-6)
