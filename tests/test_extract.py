@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from thinkforge.eval.harness import grade_response
+from thinkforge.eval.harness import grade_response, score_responses
 from thinkforge.tasks.base import Problem, get_task
-from thinkforge.tasks.benchmarks import score_math
+from thinkforge.tasks.benchmarks import DATA_DIR, read_rows, score_math
 from thinkforge.verify.grader import BOXED_ONLY, extract_answer, extract_boxed
 
 GSM8K = get_task("gsm8k")
@@ -67,6 +67,8 @@ def test_gsm8k_shapes(response, truncated, strict, flexible, how):
     ("So the domain is $\\boxed{[2,5)}$.\nFinal Answer: The final answer is $[2,5)$. I hope it is correct.",
      "[2,5)", "[2,5)"),
     ("Hence $x = 3$.\nFinal Answer: The final answer is 3", "3", "3"),
+    ("$54(\\$0.15)+27(\\$0.40)=\\$18.90$.\nFinal Answer: The final answer is $\\$18.90$. I hope it is correct.",
+     "\\$18.90", "\\$18.90"),  # an escaped dollar is content, not the end of the math
     ("The answer is $\\left( 3, \\frac{\\pi}{2} \\right)$.", None, "\\left( 3, \\frac{\\pi}{2} \\right)"),
     # MATH-500's answers are expressions: no last-number fallback.
     ("We get x = 4 after simplifying 2x = 8", None, None),
@@ -160,3 +162,32 @@ def test_eval_responses_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "thinkforge.cli", "eval", "--task", "gsm8k", "--responses", str(bad),
                            "--output", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {bad}:2: field 'truncated' must be true or false")
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_every_reference_solution_in_the_benchmarks_own_forms(tmp_path):
+    """All 1319 GSM8K reference solutions ending "#### N" (GSM8K's own form) are strict-correct; ending
+    "The answer is $N$." they are strict no-answer and flexible-correct. All 500 MATH-500 references with the
+    box replaced by Minerva's answer line are strict-correct."""
+    hashes, phrased = [], []
+    for r in read_rows(DATA_DIR / "gsm8k.jsonl"):
+        steps, answer = r["answer"].rsplit("####", 1)
+        hashes.append({"problem_id": f"gsm8k/{r['idx']}", "response": f"{steps.strip()}\n#### {answer.strip()}"})
+        phrased.append({"problem_id": f"gsm8k/{r['idx']}", "response": f"{steps.strip()}\nThe answer is ${answer.strip()}$."})
+    s = score_responses(GSM8K, _write(tmp_path / "hash.jsonl", hashes))
+    assert s["n_problems"] == 1319 and s["accuracy"] == 1.0 and s["accuracy_flexible"] == 1.0
+    s = score_responses(GSM8K, _write(tmp_path / "phrased.jsonl", phrased))
+    assert s["accuracy"] == 0.0 and s["no_answer_rate"] == 1.0 and s["accuracy_flexible"] == 1.0
+    minerva = []
+    for p in MATH500.problems():
+        box = extract_boxed(p.solution)
+        body = p.solution.replace(f"\\boxed{{{box}}}", box)
+        minerva.append({"problem_id": p.id, "response": f"{body}\nFinal Answer: The final answer is ${p.answer}$. "
+                                                         "I hope it is correct."})
+    assert not any("\\boxed" in r["response"] for r in minerva[:50])
+    s = score_responses(MATH500, _write(tmp_path / "minerva.jsonl", minerva))
+    assert s["n_problems"] == 500 and s["accuracy"] == 1.0 and s["no_answer_rate"] == 0.0

@@ -381,7 +381,8 @@ BOXED_ONLY = AnswerFormat(phrases=())
 # A number as written in prose: thousands separators, decimals; a minus only where it cannot be a hyphen or
 # a subtraction ("9-2" is not -2).
 _NUMBER_IN_TEXT = re.compile(r"(?:(?<![\w)\]}])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?!\d)")
-_MATH_SPAN = re.compile(r"\$\$?\s*(.+?)\s*\$\$?|\\\(\s*(.+?)\s*\\\)|\\\[\s*(.+?)\s*\\\]", re.S)
+# $...$, $$...$$, \(...\), \[...\]; an escaped dollar (MATH's "\$18.90") is content, not a delimiter.
+_MATH_SPAN = re.compile(r"(?<!\\)\$\$?\s*(.+?)\s*(?<!\\)\$\$?|\\\(\s*(.+?)\s*\\\)|\\\[\s*(.+?)\s*\\\]", re.S)
 _COMPLETE_END = (".", "$", "}", ")", "]", "*", "!")
 
 
