@@ -208,3 +208,9 @@ def test_generation_grades_strict_and_flexible_and_counts_truncation(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "gsm8k/samples.jsonl").read_text().splitlines()]
     assert [r["truncated"] for r in rows[:4]] == [False, False, True, True]
     assert [r["extracted_by"] for r in rows[:4]] == ["boxed", "the answer is", None, "the answer is"]
+    # Samples written before flexible grading existed (a resumed run) are graded flexibly when summarised.
+    old_rows = [{k: v for k, v in r.items() if not k.endswith("_flexible") and k != "extracted_by"} for r in rows]
+    (tmp_path / "gsm8k/samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old_rows))
+    again = evaluate(task, backend, SamplingParams(temperature=0.6, max_tokens=4, n=4), problems=problems,
+                     output_dir=tmp_path)
+    assert again["accuracy_flexible"] == pytest.approx(0.75) and again["maj_at_k_flexible"] == s["maj_at_k_flexible"]

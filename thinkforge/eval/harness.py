@@ -178,8 +178,11 @@ def finalize(task: Task, problems: list[Problem], rows: list[dict[str, Any]], co
     n = config.get("sampling", {}).get("n")
     rows = [r for r in rows if r["problem_id"] in wanted and (n is None or r["sample_index"] < n)]
     rows.sort(key=lambda r: (r["problem_id"], r["sample_index"]))
-    metrics = summarize(rows, {p.id: p.meta for p in problems}, kind=task.kind)
     fmt = answer_format(task)
+    if fmt is not None:  # samples written before flexible grading existed (a resumed run) get it filled in
+        by_id = {p.id: p for p in problems}
+        rows = [r if "correct_flexible" in r else _with_flexible(task, by_id[r["problem_id"]], r) for r in rows]
+    metrics = summarize(rows, {p.id: p.meta for p in problems}, kind=task.kind)
     # How answers were read, so a 0% strict score with a high no-answer rate explains itself.
     grading = {"headline": "strict", **(fmt.describe() if fmt is not None else {"strict": ["the task's own rule"],
                                                                                 "flexible": ["same as strict"]})}
@@ -191,13 +194,23 @@ def finalize(task: Task, problems: list[Problem], rows: list[dict[str, Any]], co
     return summary
 
 
+def _with_flexible(task: Task, problem: Problem, row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with its flexible grade added (its recorded strict grade is kept)."""
+    _, flexible = grade_response(task, problem, row.get("response") or "", bool(is_truncated(row)))
+    if flexible is None:
+        return row
+    return {**row, "extracted_flexible": flexible.extracted, "correct_flexible": bool(flexible.correct),
+            "reason_flexible": flexible.reason, "extracted_by": flexible.details.get("extracted_by")}
+
+
 def evaluate(task: Task | str, backend: Backend, params: SamplingParams, *, problems: list[Problem] | None = None,
              split: str | None = None, n_problems: int | None = None, output_dir: str | Path | None = None,
              system_prompt: str | None = None, seed: int = 0, config: dict[str, Any] | None = None,
              batch_size: int = 64, score_workers: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Generates `params.n` samples per problem with `backend.chat`, scores them with `task.score` and
-    returns the summary (`summary["accuracy"]` is avg@n pass@1). With `output_dir`, results go to
+    returns the summary (`summary["accuracy"]` is avg@n pass@1 under strict grading, `accuracy_flexible` beside
+    it; `summary["grading"]` says what each reads). With `output_dir`, results go to
     `output_dir/<task>/` and an interrupted run resumes without regenerating finished samples."""
     task = resolve_task(task)
     params = dataclasses.replace(params).validate()
