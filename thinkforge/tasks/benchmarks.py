@@ -117,9 +117,6 @@ class BenchmarkTask(Task):
     splits = ("test", "heldout")
     default_split = "test"
     source = ""  # where the data comes from (file, package or hub dataset), recorded in summaries
-    # How final answers are written (math benchmarks): strict and flexible extraction follow it. None for
-    # code and multiple-choice benchmarks, which have one extraction rule (strict and flexible agree).
-    answer_format: AnswerFormat | None = None
 
     def load(self) -> list[Problem]:
         raise NotImplementedError
@@ -148,18 +145,24 @@ class BenchmarkTask(Task):
         return list(pool)
 
     def score(self, problem: Problem, response: str) -> Score:
-        return self.grade(problem, response)
-
-    def grade(self, problem: Problem, response: str, *, flexible: bool = False, truncated: bool = False) -> Score:
-        """The strict score (the headline: the prompt's format and the benchmark's own marker), or with
-        `flexible` the score under the field's looser conventions; `truncated`: cut off by the length limit."""
-        return score_math(problem, response, self.answer_format or BOXED_ONLY, flexible=flexible, truncated=truncated)
+        return score_math(problem, response)
 
 
 class ShippedMath(BenchmarkTask):
+    """A math benchmark shipped as jsonl. Its `answer_format` says how its final answers are written, and
+    strict and flexible grading follow it (code and multiple-choice benchmarks have one rule and no format)."""
+
     kind = "math"
     file = ""
     answer_format = AnswerFormat()
+
+    def score(self, problem: Problem, response: str) -> Score:
+        return self.grade(problem, response)
+
+    def grade(self, problem: Problem, response: str, *, flexible: bool = False, truncated: bool = False) -> Score:
+        """The strict score (the headline: the prompt's `\\boxed{}` and the benchmark's own marker), or with
+        `flexible` the score under the field's looser conventions; `truncated`: cut off by the length limit."""
+        return score_math(problem, response, self.answer_format, flexible=flexible, truncated=truncated)
 
     @property
     def source(self) -> str:  # type: ignore[override]
