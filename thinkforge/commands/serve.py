@@ -21,21 +21,46 @@ def serve(
     speculative: Annotated[str | None, typer.Option(help="mtp: self-speculative decoding with the "
                                                     "checkpoint's MTP layers.")] = None,
     num_draft: Annotated[int, typer.Option(help="Draft tokens per step with --speculative mtp.")] = 1,
+    api_key: Annotated[str | None, typer.Option(envvar="THINKFORGE_API_KEY", show_envvar=True,
+                                                help="Clients must send 'Authorization: Bearer KEY' (the openai "
+                                                "client's api_key); /health stays open.")] = None,
+    insecure_no_auth: Annotated[bool, typer.Option(help="Allow a non-loopback --host without an API key.")] = False,
+    max_concurrent_requests: Annotated[int, typer.Option(help="Requests generating at once.")] = 256,
+    max_queued_requests: Annotated[int, typer.Option(help="Requests waiting for a slot; more get 429 + "
+                                                     "Retry-After.")] = 1024,
+    max_request_bytes: Annotated[int, typer.Option(help="Largest request body (413 beyond).")] = 4 << 20,
+    request_timeout: Annotated[float, typer.Option(help="Seconds a request may take, queueing included.")] = 600.0,
+    body_timeout: Annotated[float, typer.Option(help="Seconds a client may take to send its request.")] = 30.0,
+    max_prompt_tokens: Annotated[int | None, typer.Option(help="Prompt token cap (default: the context).")] = None,
+    max_tokens_limit: Annotated[int | None, typer.Option(help="Cap on max_tokens (default: the context).")] = None,
+    max_n: Annotated[int, typer.Option(help="Cap on n (samples per prompt).")] = 64,
+    max_prompts: Annotated[int, typer.Option(help="Cap on prompts per /v1/completions request.")] = 64,
 ) -> None:
     """Serve /v1/models, /v1/completions, /v1/chat/completions (streaming too) and /health."""
-    import uvicorn
+    import sys
 
     from thinkforge.errors import ThinkforgeError
-    from thinkforge.serve.server import ServeConfig, create_app
+    from thinkforge.serve.guard import check_bind
 
     if not 0 < port < 65536:
         raise ThinkforgeError(f"--port must be in 1..65535, got {port}")
-    if max_batch_size < 1:
-        raise ThinkforgeError(f"--max-batch-size must be >= 1, got {max_batch_size}")
-    app = create_app(ServeConfig(model=model, backend=backend, served_name=served_name, device=device, dtype=dtype,
-                                 max_batch_size=max_batch_size, max_model_len=max_model_len, seed=seed,
-                                 speculative=speculative, num_draft=num_draft))
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    warning = check_bind(host, api_key, insecure_no_auth)  # before the (slow) imports and model load
+    import uvicorn
+
+    from thinkforge.serve.guard import uvicorn_config
+    from thinkforge.serve.server import ServeConfig, create_app
+
+    cfg = ServeConfig(model=model, backend=backend, served_name=served_name, device=device, dtype=dtype,
+                      max_batch_size=max_batch_size, max_model_len=max_model_len, seed=seed,
+                      speculative=speculative, num_draft=num_draft, api_key=api_key,
+                      max_concurrent_requests=max_concurrent_requests, max_queued_requests=max_queued_requests,
+                      max_request_bytes=max_request_bytes, request_timeout_s=request_timeout,
+                      body_timeout_s=body_timeout, max_prompt_tokens=max_prompt_tokens,
+                      max_tokens_limit=max_tokens_limit, max_n=max_n, max_prompts=max_prompts).validate()
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    app = create_app(cfg)
+    uvicorn.Server(uvicorn_config(app, host, port, header_timeout_s=cfg.body_timeout_s)).run()
 
 
 COMMANDS = {"serve": serve}

@@ -3,7 +3,10 @@
 With the native backend every request goes into one `EngineLoop`, so concurrent requests share the
 continuous batch (this is where server throughput comes from). With the `hf` backend requests run
 one at a time through `generate` (reference only). Client mistakes get HTTP 400 with an OpenAI-style
-error body and the server keeps serving.
+error body and the server keeps serving. Authentication, body/time limits, admission (429) and
+disconnect handling live in `guard.py`, in front of these routes; the per-request caps (prompt
+tokens, `n`, `max_tokens`, prompts per request) are checked here, `n` and `max_tokens` before
+anything is tokenized. Tokenization runs on its own thread so a long prompt never stalls the loop.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +28,7 @@ from thinkforge.engine.backends import apply_chat_template
 from thinkforge.engine.base import Completion, SamplingParams, model_vocab_size, out_of_vocab
 from thinkforge.errors import ThinkforgeError
 from thinkforge.serve import protocol as P
+from thinkforge.serve.guard import Guard
 
 
 @dataclass
@@ -38,6 +43,35 @@ class ServeConfig:
     seed: int = 0
     speculative: str | None = None  # "mtp": self-speculative decoding with the checkpoint's MTP layers
     num_draft: int = 1
+    # Access and limits (guard.py). No key: anyone who can reach the port may generate; the CLI refuses
+    # that on a non-loopback address unless told --insecure-no-auth.
+    api_key: str | None = None
+    max_concurrent_requests: int = 256  # running at once (requests, whatever their n)
+    max_queued_requests: int = 1024  # waiting for a slot; beyond that 429 + Retry-After
+    max_request_bytes: int = 4 << 20  # a body over this is refused (413) before it is parsed
+    body_timeout_s: float = 30.0  # headers-to-complete-body limit (slowloris)
+    request_timeout_s: float = 600.0  # queue wait + generation
+    retry_after_s: int = 1
+    max_prompt_tokens: int | None = None  # None: whatever the context allows
+    max_tokens_limit: int | None = None  # cap on max_tokens / max_completion_tokens; None: the context
+    max_n: int = 64
+    max_prompts: int = 64  # prompts in one /v1/completions request
+
+    def validate(self) -> ServeConfig:
+        for name in ("max_concurrent_requests", "max_request_bytes", "max_n", "max_prompts", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ThinkforgeError(f"serve: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_prompt_tokens", "max_tokens_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ThinkforgeError(f"serve: {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queued_requests < 0:
+            raise ThinkforgeError(f"serve: max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        for name in ("body_timeout_s", "request_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ThinkforgeError(f"serve: {name} must be > 0, got {getattr(self, name)}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ThinkforgeError("serve: the API key is empty")
+        return self
 
 
 class _Generator:
@@ -52,6 +86,11 @@ class _Generator:
             raise ThinkforgeError("serve: --speculative needs --backend native")
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
         self.backend = cfg.backend
+        self.max_prompt_tokens = cfg.max_prompt_tokens
+        self.aborted = 0  # generations stopped because their client left or timed out
+        # One thread: tokenizing off the event loop, and never concurrently (HF fast tokenizers are
+        # not safe to call from several threads at once).
+        self.prep = ThreadPoolExecutor(1, thread_name_prefix="thinkforge-tokenize")
         self.vocab_size = model_vocab_size(model, self.tokenizer)
         if cfg.backend == "native":
             from thinkforge.engine.native import LLMEngine
@@ -79,6 +118,9 @@ class _Generator:
         if len(ids) >= self.max_model_len:
             raise P.RequestError(f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens",
                                  param=param, code="context_length_exceeded")
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            raise P.RequestError(f"prompt has {len(ids)} tokens; this server accepts at most {self.max_prompt_tokens} "
+                                 "(--max-prompt-tokens)", param=param, code="context_length_exceeded")
         bad = out_of_vocab(ids, self.vocab_size)
         if bad is not None:
             raise P.RequestError(f"token id {bad} is out of range; this model's vocabulary has ids 0.."
@@ -92,8 +134,9 @@ class _Generator:
                 raise P.RequestError(str(err)) from None
             try:
                 return await asyncio.wrap_future(handle.future)
-            except asyncio.CancelledError:  # client went away: free the slots
+            except asyncio.CancelledError:  # client went away or timed out (guard.py): free the slots
                 self.loop.abort(handle.request_id)
+                self.aborted += 1
                 raise
 
         def blocking() -> list[Completion]:
@@ -102,15 +145,31 @@ class _Generator:
 
         return await asyncio.to_thread(blocking)
 
+    async def prepare(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.prep, fn, *args)
+
     def close(self) -> None:
         if self.backend == "native":
             self.loop.close()
+        self.prep.shutdown(wait=False)
 
 
 def create_app(cfg: ServeConfig) -> FastAPI:
+    cfg.validate()
     gen = _Generator(cfg)
     tok = gen.tokenizer
     name = cfg.served_name or cfg.model
+    max_n = cfg.max_n
+    max_tokens_limit = min(cfg.max_tokens_limit or gen.max_model_len, gen.max_model_len)
+
+    def check_caps(req: Any, max_tokens: int | None, field: str) -> None:
+        """Before tokenizing anything: n and max_tokens within this server's caps."""
+        if isinstance(req.n, int) and req.n > max_n:
+            raise P.RequestError(f"n is {req.n}; this server allows at most {max_n} (--max-n)", param="n")
+        if max_tokens is not None and max_tokens > max_tokens_limit:
+            raise P.RequestError(f"{field} is {max_tokens}; this server allows at most {max_tokens_limit}"
+                                 + (" (--max-tokens-limit)" if cfg.max_tokens_limit else " (the model's context)"),
+                                 param=field)
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
@@ -118,6 +177,12 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="thinkforge", version="0.1", lifespan=lifespan)
     app.state.generator = gen
+    guard = Guard(None, api_key=cfg.api_key, max_concurrent=cfg.max_concurrent_requests,
+                  max_queued=cfg.max_queued_requests, max_body_bytes=cfg.max_request_bytes,
+                  body_timeout_s=cfg.body_timeout_s, request_timeout_s=cfg.request_timeout_s,
+                  retry_after_s=cfg.retry_after_s)
+    app.add_middleware(guard.wrap)  # type: ignore[arg-type]  (Starlette calls it with the inner app)
+    app.state.guard = guard
 
     def bad(err: P.RequestError) -> JSONResponse:
         return JSONResponse(P.error_body(err.message, err.param, err.code), status_code=400)
@@ -147,10 +212,15 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         try:
             req = P.parse(P.CompletionRequest, await body_of(request))
             check_model(req.model)
-            prompts = _prompt_ids(req.prompt, tok)
+            check_caps(req, req.max_tokens, "max_tokens")
+            if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
+                    and len(req.prompt) > cfg.max_prompts:
+                raise P.RequestError(f"prompt has {len(req.prompt)} prompts; this server takes at most "
+                                     f"{cfg.max_prompts} per request (--max-prompts)", param="prompt")
+            prompts = await gen.prepare(_prompt_ids, req.prompt, tok)
             for i, ids in enumerate(prompts):
                 gen.check_prompt(ids, "prompt" if len(prompts) == 1 else f"prompt.{i}")
-            params = P.sampling_params(req, req.max_tokens if req.max_tokens is not None else 16)
+            params = P.sampling_params(req, req.max_tokens if req.max_tokens is not None else min(16, max_tokens_limit))
             params.logprobs = req.logprobs is not None
         except P.RequestError as err:
             return bad(err)
@@ -164,7 +234,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
             return _sse(gen, prompts, params, tok, chunk, rid, name, "text_completion", include_usage)
         try:
-            groups = await asyncio.gather(*(gen.run(ids, params) for ids in prompts))
+            groups = await _all_or_none([gen.run(ids, params) for ids in prompts])
         except P.RequestError as err:
             return bad(err)
         return P.completion_response(name, list(groups), tok, params.logprobs,
@@ -177,19 +247,17 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             check_model(req.model)
             if not req.messages:
                 raise P.RequestError("messages must not be empty", param="messages")
+            given = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            check_caps(req, given, "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
             conv = [{"role": m.role, "content": P.message_text(m.content)} for m in req.messages]
-            try:
-                text = apply_chat_template(tok, conv)
-            except ThinkforgeError as err:
-                raise P.RequestError(str(err), param="messages") from None
-            ids = tok(text, add_special_tokens=False)["input_ids"]
+            ids = await gen.prepare(_chat_ids, tok, conv)
             gen.check_prompt(ids, "messages")
             if req.max_completion_tokens is not None:
                 max_tokens, field = req.max_completion_tokens, "max_completion_tokens"
             elif req.max_tokens is not None:
                 max_tokens, field = req.max_tokens, "max_tokens"
-            else:  # unset: whatever room the context leaves
-                max_tokens, field = gen.max_model_len - len(ids), "max_tokens"
+            else:  # unset: whatever room the context leaves, within the cap
+                max_tokens, field = min(gen.max_model_len - len(ids), max_tokens_limit), "max_tokens"
             if max_tokens < 1:  # 0 is rejected as on /v1/completions, not read as "unset"
                 raise P.RequestError(f"{field} must be >= 1, got {max_tokens}", param=field)
             params = P.sampling_params(req, max_tokens)
@@ -217,6 +285,24 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         return P.chat_response(name, group, tok, params.logprobs, len(ids))
 
     return app
+
+
+async def _all_or_none(runs: list[Awaitable[list[Completion]]]) -> list[list[Completion]]:
+    """gather, but when one prompt fails the others are cancelled (and so aborted in the engine)."""
+    tasks = [asyncio.ensure_future(r) for r in runs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _chat_ids(tok: Any, conv: list[dict[str, str]]) -> list[int]:
+    try:
+        text = apply_chat_template(tok, conv)
+    except ThinkforgeError as err:
+        raise P.RequestError(str(err), param="messages") from None
+    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 def _prompt_ids(prompt: Any, tok: Any) -> list[list[int]]:
