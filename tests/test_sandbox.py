@@ -101,7 +101,7 @@ def test_batch_from_threads_keeps_order():
 
 def test_sandbox_info_reports_isolation():
     info = sandbox_info()
-    assert info.mode in ("bwrap", "plain")
+    assert info.mode in ("bwrap", "unsafe")
     assert info.network_isolated == info.filesystem_isolated == (info.mode == "bwrap")
     assert (info.reason == "") == (info.mode == "bwrap")
 

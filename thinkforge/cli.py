@@ -29,6 +29,31 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _options(
+    sandbox: str = typer.Option(
+        "", "--sandbox", metavar="auto|unsafe",
+        help="Code sandbox: auto (isolate, or refuse when no isolation can be set up; the default) or unsafe "
+             "(run untrusted code WITHOUT isolation: an explicit opt-in). Same as THINKFORGE_SANDBOX."),
+    numerics: str = typer.Option(
+        "", "--numerics", metavar="native|portable",
+        help="CPU kernels: native (this CPU's fastest) or portable (the same bits on any x86 CPU with AVX2). "
+             "`speedrun` defaults to portable, every other command to native."),
+) -> None:
+    if sandbox:
+        from thinkforge.verify.sandbox import MODES
+
+        if sandbox not in MODES:
+            raise ThinkforgeError(f"--sandbox must be one of {', '.join(MODES)}, got {sandbox!r}")
+        os.environ["THINKFORGE_SANDBOX"] = sandbox  # also reaches reward workers and other child processes
+    if numerics:
+        from thinkforge.numerics import pin
+
+        note = pin(numerics)  # torch is not imported yet: commands import it inside their functions
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+
+
 def _register() -> None:
     import thinkforge.commands as pkg
 

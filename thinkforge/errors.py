@@ -10,3 +10,7 @@ class UnknownNameError(ThinkforgeError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class SandboxUnavailable(ThinkforgeError):
+    """No isolation for untrusted code can be set up here and the user has not opted out of it."""

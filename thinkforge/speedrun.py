@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from thinkforge.errors import ThinkforgeError
+from thinkforge.numerics import numerics_info
 from thinkforge.train.pretrain import PretrainConfig, pretrain
 from thinkforge.train.sft import SFTConfig, sft
 from thinkforge.utils import (
@@ -159,7 +160,9 @@ def run_speedrun(cfg: SpeedrunConfig, progress: Any = None) -> dict[str, Any]:
     spec = build_config(EvalSpec, cfg.eval, "speedrun eval")
     t_start, steal_start = time.time(), steal_seconds()
     stages: dict[str, Any] = {}
-    lineage: dict[str, Any] = {}  # configs of this stage and all before it: a change upstream reruns downstream
+    # Configs of this stage and all before it, and the numerics mode: a change upstream reruns downstream.
+    numerics = numerics_info()
+    lineage: dict[str, Any] = {"numerics": {k: numerics.get(k) for k in ("mode", "in_effect")}}
     model_dir: str | None = None
     for stage in _stages():
         section = getattr(cfg, stage.name)
@@ -253,8 +256,21 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"{100 * report['steal_ratio']:.0f}% of core-time.",
               f"Estimated cost: ${report['estimated_cost_usd']} ({report['cost_assumption']}).", "",
               "![loss curves](loss.png)", "", "![accuracy by stage](accuracy.png)", "",
+              _machine_line(report), "",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def _machine_line(report: dict[str, Any]) -> str:
+    m, n = report.get("machine", {}), report.get("numerics", {})
+    mode = n.get("mode", "native")
+    if mode == "portable":
+        mode += " (in effect)" if n.get("in_effect") else " (NOT in effect: torch was loaded first)"
+    return (f"Machine: {m.get('cpu', '?')} ({m.get('arch', '?')}, {m.get('cores', '?')} cores, "
+            f"{m.get('torch_threads', '?')} torch threads, BLAS {m.get('blas', '?')}, kernels "
+            f"{n.get('cpu_capability', '?')}); numerics {mode}; fingerprint `{m.get('id', '?')}`. Same seed and "
+            "numerics mode give the same numbers: portable mode on any x86 CPU with AVX2, native mode on "
+            "machines with this fingerprint (see README, Reproducibility).")
 
 
 def write_plots(out: Path, stages: dict[str, Any]) -> None:

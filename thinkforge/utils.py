@@ -141,8 +141,13 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 def run_metadata(config: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
-    """What every result file records: config, its hash, seed, package versions."""
-    return {"config": config, "config_hash": config_hash(config), "seed": seed, "versions": package_versions()}
+    """What every result file records: config, its hash, seed, package versions, the machine (its numerics
+    fingerprint and mode) and the code sandbox (an unsafe opt-in shows here)."""
+    from thinkforge.numerics import machine_fingerprint, numerics_info
+    from thinkforge.verify.sandbox import sandbox_metadata
+
+    return {"config": config, "config_hash": config_hash(config), "seed": seed, "versions": package_versions(),
+            "machine": machine_fingerprint(), "numerics": numerics_info(), "sandbox": sandbox_metadata()}
 
 
 # ---------------------------------------------------------------- configs

@@ -72,9 +72,20 @@ def speedrun_cmd(
     out: Annotated[str | None, typer.Option(help="Output directory (default runs/speedrun-PRESET).")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     device: Annotated[str | None, typer.Option()] = None,
+    numerics: Annotated[str | None, typer.Option(
+        help="portable (default: the same bits on any x86 CPU with AVX2, see thinkforge/numerics.py) or native "
+             "(the fastest kernels of this CPU).")] = None,
     set_: Overrides = None,
 ) -> None:
     """Run the whole recipe in miniature and write OUT/report.md and OUT/report.json."""
+    import os
+
+    from thinkforge.numerics import pin
+
+    # Before torch loads (thinkforge.speedrun imports it): the kernels are chosen then.
+    note = pin(numerics or os.environ.get("THINKFORGE_NUMERICS") or "portable")
+    if note:
+        typer.echo(f"note: {note}", err=True)
     from thinkforge.speedrun import load_speedrun_config, run_speedrun
 
     overrides = _cli_overrides(set_, seed=seed, device=device)

@@ -540,15 +540,41 @@ def _clean(base: str, own_namespace: bool) -> None:
                 except OSError:
                     pass
     _kill_adopted()  # as subreaper the harness also reaps what it adopted (no zombies pile up)
-    import shutil
+    _remove_contents(base, os.lstat(base).st_dev)
 
-    for entry in os.listdir(base):
-        path = os.path.join(base, entry)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
+
+def _remove_contents(path: str, dev: int) -> None:
+    """Deletes what a program wrote under `path`, never crossing a mount point: the read-only binds of the
+    Python install sit inside the sandbox's /tmp when the checkout lives under /tmp, and a cleanup that walked
+    into them would cost an EROFS failure per file (and delete host files the day a bind is writable)."""
+    import stat
+
+    try:
+        entries = list(os.scandir(path))
+    except PermissionError:  # the program (same uid) took the permissions away: give them back once
+        try:
+            os.chmod(path, 0o700)
+            entries = list(os.scandir(path))
+        except OSError:
+            return
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            if st.st_dev != dev:
+                continue  # a mount point (a bind of the host): not the program's to have written
+            _remove_contents(entry.path, dev)
+            try:
+                os.rmdir(entry.path)
+            except OSError:
+                pass  # still holds a mount point (a parent of a bind), or is not ours
         else:
             try:
-                os.unlink(path)
+                os.unlink(entry.path)
             except OSError:
                 pass
 

