@@ -1,0 +1,111 @@
+"""Four-stage VL pretraining (thinkforge.train.vl_pretrain): freezing by module, checkpoints, no truncation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from thinkforge.errors import ThinkforgeError
+from thinkforge.train.vl_pretrain import VLPretrainConfig, set_trainable, stage_examples, vl_pretrain
+from thinkforge.vl.model import build_tiny_vl, module_parameters
+
+STAGES = [
+    {"name": "s1", "trainable": "projector", "tasks": ["vl_caption"], "steps": 2, "lr": 1e-2},
+    {"name": "s2", "trainable": "vit+projector", "tasks": ["vl_caption", "vl_compare"], "steps": 2, "lr": 1e-2},
+    {"name": "s3", "trainable": "all", "tasks": ["vl_count", "vl_ground"], "steps": 2, "lr": 1e-2},
+    {"name": "s4", "trainable": "all", "tasks": ["vl_digits", "vl_compare"], "steps": 2, "lr": 1e-2,
+     "max_seq_len": 75},
+]
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def _part(weights: dict[str, torch.Tensor], prefix: str, exclude: str | None = None) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in weights.items() if k.startswith(prefix) and not (exclude and k.startswith(exclude))}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vlpt")
+    cfg = VLPretrainConfig(preset="micro", out_dir=str(out), stages=[dict(s) for s in STAGES], problems_per_task=6,
+                           batch_size=4, max_seq_len=160, device="cpu", warmup_steps=0, seed=0)
+    return cfg, vl_pretrain(cfg)
+
+
+def test_each_stage_trains_exactly_its_modules(run):
+    from thinkforge.vl.model import load_vl
+
+    cfg, result = run
+    model, _ = load_vl(result["stages"][0]["model_dir"], device="cpu", dtype="float32")
+    counts = module_parameters(model)
+    got = [s["trainable_params"] for s in result["stages"]]
+    assert got == [counts["projector"], counts["projector"] + counts["vit"], counts["total"], counts["total"]]
+    assert counts["projector"] < counts["vit"] < counts["llm"]
+    # Weights that a stage froze are bit-identical to the previous stage's; the trained ones moved.
+    paths = [Path(s["model_dir"]) for s in result["stages"]]
+    w1, w2, w3 = _weights(paths[0]), _weights(paths[1]), _weights(paths[2])
+    merger, visual, llm = "model.visual.merger.", "model.visual.", "model.language_model."
+    assert _same(_part(w1, llm), _part(w2, llm))  # stage 2 froze the LLM
+    assert not _same(_part(w1, visual, merger), _part(w2, visual, merger))  # ...and trained the ViT
+    assert not _same(_part(w1, merger), _part(w2, merger))
+    assert not _same(_part(w2, llm), _part(w3, llm))  # stage 3 trains everything
+    with pytest.raises(ThinkforgeError, match="trainable"):
+        VLPretrainConfig(stages=[{**STAGES[0], "trainable": "vit"}]).check()
+    assert set_trainable(model, "projector") == counts["projector"]
+    assert all(not p.requires_grad for p in model.model.language_model.parameters())
+
+
+def test_first_stage_freezes_vit_and_llm(run):
+    _, result = run
+    # The ViT is built first from the seed, so its initial weights do not depend on the vocabulary.
+    fresh, _ = build_tiny_vl(["x"], "micro", seed=0)
+    w1 = _weights(Path(result["stages"][0]["model_dir"]))
+    init_vit = {f"model.visual.{k}": v for k, v in fresh.model.visual.state_dict().items() if not k.startswith("merger.")}
+    assert _same(_part(w1, "model.visual.", "model.visual.merger."), init_vit)
+    init_merger = {f"model.visual.merger.{k}": v for k, v in fresh.model.visual.merger.state_dict().items()}
+    assert not _same(_part(w1, "model.visual.merger."), init_merger)
+
+
+def test_every_stage_checkpoint_is_a_plain_hf_vl_directory(run):
+    from transformers import AutoModelForImageTextToText
+
+    _, result = run
+    for s in result["stages"]:
+        keys = list(safe_open(s["model_dir"] + "/model.safetensors", "pt").keys())
+        assert any(k.startswith("model.visual.merger.") for k in keys) and any(k.startswith("model.visual.blocks.")
+                                                                             for k in keys)
+        model = AutoModelForImageTextToText.from_pretrained(s["model_dir"])
+        assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+        assert s["final_loss"] == s["final_loss"]  # finite (NaN != NaN)
+
+
+def test_overlong_samples_are_dropped_never_truncated(run):
+    cfg, result = run
+    s4 = result["stages"][3]
+    assert s4["dropped_overlong"] > 0 and s4["examples"] > 0  # two-image prompts exceed 75 tokens
+    from thinkforge.vl.model import load_vl
+
+    _, proc = load_vl(s4["model_dir"], device="cpu", dtype="float32")
+    kept, dropped = stage_examples(cfg, STAGES[3], proc)
+    assert dropped == s4["dropped_overlong"]
+    for ex in kept:
+        assert ex.enc.length <= 75
+        assert sum(ex.enc.mm_token_type_ids) == sum(int(g.prod()) // 4 for g in ex.enc.image_grid_thw)
+    with pytest.raises(ThinkforgeError, match="every sample is longer than max_seq_len 20"):
+        stage_examples(cfg, {**STAGES[3], "max_seq_len": 20}, proc)
+
+
+def test_rerun_skips_finished_stages(run):
+    cfg, result = run
+    again = vl_pretrain(cfg)
+    assert again["stages"] == result["stages"]

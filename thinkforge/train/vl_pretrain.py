@@ -1,0 +1,261 @@
+"""MiMo-VL's four-stage VL pretraining, in miniature: freezing by module, one stage after another.
+
+    1 projector warm-up      only `model.visual.merger` trains     image-caption pairs          lr 1e-3
+    2 VL alignment           ViT + projector                       + interleaved (two images)   lr 1e-4
+    3 multimodal pretraining everything                            + counting, grounding, OCR-  lr 1e-5 (x)
+                                                                     style digits, charts
+    4 long-context SFT       everything                            all tasks, longer sequences  lr 2.5e-5 (x)
+
+(x) the report's rates are for a pretrained 7B LLM; a tiny model from scratch gets larger ones in the
+recipes. Each stage trains on the tasks' teacher solutions (loss on the response tokens only) and asserts
+its trainable-parameter count: exactly the projector, the ViT + projector, or all parameters. A sample is
+never truncated (that would cut image tokens and desynchronise them from the image features): samples
+over the stage's `max_seq_len` are dropped and counted. Rows are padded, not packed, so every row's
+MRoPE positions are built by the model from its own `mm_token_type_ids`.
+
+Every stage writes `out_dir/<stage>/model`, a plain HF directory (`AutoModelForImageTextToText`,
+weights under `model.visual.*`) and `summary.json`; a rerun skips the stages that finished.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thinkforge.errors import ThinkforgeError
+from thinkforge.train.common import MetricLog, cosine_lr, make_optimizer, write_stage_summary
+from thinkforge.utils import asdict, ensure_writable_dir, run_metadata, seed_everything
+
+IGNORE = -100
+TRAINABLE = ("projector", "vit+projector", "all")
+CAPTION_TASKS = ["vl_caption"]
+INTERLEAVED_TASKS = ["vl_caption", "vl_compare"]
+ALL_TASKS = ["vl_caption", "vl_compare", "vl_count", "vl_ground", "vl_point", "vl_digits", "vl_chart"]
+
+
+def _default_stages() -> list[dict[str, Any]]:
+    return [
+        {"name": "stage1_projector", "trainable": "projector", "tasks": CAPTION_TASKS, "steps": 40, "lr": 1e-3},
+        {"name": "stage2_vit_projector", "trainable": "vit+projector", "tasks": INTERLEAVED_TASKS, "steps": 40,
+         "lr": 1e-4},
+        {"name": "stage3_all", "trainable": "all", "tasks": ALL_TASKS, "steps": 80, "lr": 1e-3},
+        {"name": "stage4_long_sft", "trainable": "all", "tasks": ALL_TASKS, "steps": 40, "lr": 2.5e-4,
+         "max_seq_len": 512},
+    ]
+
+
+@dataclass
+class VLPretrainConfig:
+    model: str = ""  # an HF VL directory to continue from; "" = the tiny VL model from scratch
+    preset: str = "tiny"  # thinkforge.vl.model.VL_PRESETS (from scratch only)
+    out_dir: str = "runs/vl-pretrain"
+    stages: list[dict[str, Any]] = field(default_factory=_default_stages)
+    problems_per_task: int = 400  # training problems drawn per task and stage
+    batch_size: int = 16
+    max_seq_len: int = 160  # a stage's own `max_seq_len` overrides it
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    tokenizer_vocab: int = 512  # from scratch: BPE vocabulary trained on the tasks' text
+
+    def check(self) -> None:
+        if not self.stages:
+            raise ThinkforgeError("vl_pretrain: stages is empty")
+        names = set()
+        for i, st in enumerate(self.stages):
+            where = f"vl_pretrain: stages[{i}]"
+            for key in ("name", "trainable", "tasks", "steps", "lr"):
+                if key not in st:
+                    raise ThinkforgeError(f"{where}: missing field {key!r}")
+            if st["trainable"] not in TRAINABLE:
+                raise ThinkforgeError(f"{where}.trainable: must be one of {', '.join(TRAINABLE)}, got {st['trainable']!r}")
+            if st["name"] in names:
+                raise ThinkforgeError(f"{where}.name: {st['name']!r} appears twice")
+            names.add(st["name"])
+            if int(st["steps"]) < 1 or not float(st["lr"]) > 0:
+                raise ThinkforgeError(f"{where}: steps must be >= 1 and lr > 0")
+        if self.batch_size < 1 or self.max_seq_len < 8:
+            raise ThinkforgeError("vl_pretrain: batch_size must be >= 1 and max_seq_len >= 8")
+
+
+# ---------------------------------------------------------------------------------------- freezing
+def set_trainable(model: Any, which: str) -> int:
+    """Freezes all but `which` (projector | vit+projector | all); returns the trainable-parameter count
+    after asserting it is exactly that part's size."""
+    from thinkforge.vl.model import module_parameters
+
+    counts = module_parameters(model)
+    model.requires_grad_(which == "all")
+    if which == "projector":
+        model.model.visual.merger.requires_grad_(True)
+    elif which == "vit+projector":
+        model.model.visual.requires_grad_(True)
+    expected = {"projector": counts["projector"], "vit+projector": counts["projector"] + counts["vit"],
+                "all": counts["total"]}[which]
+    got = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if got != expected:
+        raise ThinkforgeError(f"vl_pretrain: {which} should train {expected} parameters, {got} are trainable")
+    return got
+
+
+# ---------------------------------------------------------------------------------------- data
+@dataclass
+class VLExample:
+    enc: Any  # thinkforge.vl.processor.VLEncoding of prompt + response
+    labels: list[int]
+
+
+def encode_example(processor: Any, task: Any, problem: Any, response: str) -> VLExample:
+    """Prompt (chat template, images expanded) + response + <|im_end|>, loss on the response only."""
+    prompt = processor.encode_chat(task.messages(problem), problem.meta.get("images", []), where=f"problem {problem.id}")
+    tok = processor.tokenizer
+    reply = tok(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    return VLExample(processor.extend(prompt, reply), [IGNORE] * prompt.length + reply)
+
+
+def stage_examples(cfg: VLPretrainConfig, stage: dict[str, Any], processor: Any, split: str = "train",
+                   n: int | None = None) -> tuple[list[VLExample], int]:
+    """The stage's examples (teacher solutions of its tasks) and how many were dropped as overlong."""
+    from thinkforge.tasks import get_task
+
+    max_len = int(stage.get("max_seq_len", cfg.max_seq_len))
+    out, dropped = [], 0
+    for name in stage["tasks"]:
+        task = get_task(name)
+        for p in task.problems(split, n=n or cfg.problems_per_task, seed=cfg.seed, difficulty=stage.get("difficulty")):
+            ex = encode_example(processor, task, p, p.solution)
+            if ex.enc.length > max_len:
+                dropped += 1  # never truncated: a cut inside image tokens breaks the image/feature match
+                continue
+            out.append(ex)
+    if not out:
+        raise ThinkforgeError(f"vl_pretrain: stage {stage['name']}: every sample is longer than max_seq_len "
+                              f"{max_len} ({dropped} dropped)")
+    return out, dropped
+
+
+def collate(processor: Any, rows: list[VLExample], device: Any) -> dict[str, torch.Tensor]:
+    batch = processor.collate([r.enc for r in rows], padding_side="right")
+    labels = torch.full(batch["input_ids"].shape, IGNORE, dtype=torch.long)
+    for i, r in enumerate(rows):
+        labels[i, : len(r.labels)] = torch.tensor(r.labels)
+    batch["labels"] = labels
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def vl_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over response tokens."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+
+# ---------------------------------------------------------------------------------------- the stages
+def build_model(cfg: VLPretrainConfig, device: str, dtype: Any) -> tuple[Any, Any]:
+    from thinkforge.vl.model import VL_PRESETS, build_tiny_vl, load_vl
+
+    if cfg.model:
+        return load_vl(cfg.model, device=device, dtype=dtype)
+    if cfg.preset not in VL_PRESETS:
+        raise ThinkforgeError(f"vl_pretrain: unknown preset {cfg.preset!r}; known: {', '.join(VL_PRESETS)}")
+    texts = [text for st in cfg.stages for text in _tokenizer_texts(st["tasks"], cfg.seed)]
+    model, processor = build_tiny_vl(texts, cfg.preset, seed=cfg.seed, vocab_size=cfg.tokenizer_vocab)
+    return model.to(device=device, dtype=dtype), processor
+
+
+def _tokenizer_texts(tasks: list[str], seed: int) -> list[str]:
+    from thinkforge.tasks import get_task
+
+    return [f"{p.prompt}\n{p.solution}" for name in tasks for p in get_task(name).problems("train", n=100, seed=seed)]
+
+
+def train_stage(cfg: VLPretrainConfig, stage: dict[str, Any], model: Any, processor: Any, out_dir: Path,
+                device: str, progress: Any = None) -> dict[str, Any]:
+    from thinkforge.vl.model import save_vl
+
+    t0 = time.time()
+    trainable = set_trainable(model, stage["trainable"])
+    examples, dropped = stage_examples(cfg, stage, processor)
+    optimizer = make_optimizer(model, float(stage["lr"]), cfg.weight_decay)
+    steps = int(stage["steps"])
+    log = MetricLog(out_dir, tensorboard=False)
+    rng = random.Random(f"{cfg.seed}/{stage['name']}")
+    order: list[int] = []
+    model.train()
+    bar = progress.add_task(stage["name"], total=steps) if progress else None
+    losses = []
+    try:
+        for step in range(1, steps + 1):
+            lr = cosine_lr(step - 1, steps, float(stage["lr"]), min(cfg.warmup_steps, steps // 4), cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if len(order) < cfg.batch_size:
+                fresh = list(range(len(examples)))
+                rng.shuffle(fresh)
+                order += fresh
+            rows, order = [examples[i] for i in order[: cfg.batch_size]], order[cfg.batch_size:]
+            loss = vl_loss(model, collate(processor, rows, device))
+            if not torch.isfinite(loss):
+                raise ThinkforgeError(f"vl_pretrain: {stage['name']}: loss is {float(loss)} at step {step}")
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            log.log(step, loss=losses[-1], lr=lr, grad_norm=float(grad_norm))
+            if progress:
+                progress.update(bar, advance=1, description=f"{stage['name']} loss {losses[-1]:.3f}")
+    finally:
+        log.close()
+    model.eval()
+    path = save_vl(model, processor, out_dir / "model")
+    summary = {"stage": stage["name"], "trainable": stage["trainable"], "trainable_params": trainable,
+               "model_dir": str(path), "steps": steps, "examples": len(examples), "dropped_overlong": dropped,
+               "first_loss": losses[0], "final_loss": sum(losses[-5:]) / len(losses[-5:]),
+               "wall_s": round(time.time() - t0, 2)}
+    write_stage_summary(out_dir, {**summary, **run_metadata({**asdict(cfg), "stage": stage}, cfg.seed)})
+    return summary
+
+
+def vl_pretrain(cfg: VLPretrainConfig, progress: Any = None) -> dict[str, Any]:
+    """Runs the stages in order (skipping finished ones); returns {"stages": [summary per stage]}."""
+    from thinkforge.model.io import resolve_device, resolve_dtype
+    from thinkforge.vl.model import load_vl
+
+    cfg.check()
+    out_dir = ensure_writable_dir(cfg.out_dir)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = processor = None
+    summaries = []
+    for i, stage in enumerate(cfg.stages):
+        stage_dir = out_dir / stage["name"]
+        done = stage_dir / "summary.json"
+        if done.exists() and (stage_dir / "model" / "config.json").exists():
+            summaries.append({k: v for k, v in json.loads(done.read_text()).items() if k in (
+                "stage", "trainable", "trainable_params", "model_dir", "steps", "examples", "dropped_overlong",
+                "first_loss", "final_loss", "wall_s")})
+            model = None  # the next unfinished stage starts from this stage's weights
+            continue
+        if model is None:
+            if i == 0:
+                model, processor = build_model(cfg, device, dtype)
+            else:
+                model, processor = load_vl(summaries[-1]["model_dir"], device=device, dtype=dtype)
+        seed_everything(cfg.seed + i)
+        summaries.append(train_stage(cfg, stage, model, processor, ensure_writable_dir(stage_dir), device, progress))
+    result = {"stages": summaries, "model_dir": summaries[-1]["model_dir"]}
+    write_stage_summary(out_dir, {**result, **run_metadata(asdict(cfg), cfg.seed)})
+    return result
