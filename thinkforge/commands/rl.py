@@ -17,7 +17,9 @@ def rl_cmd(
     seed: Annotated[int | None, typer.Option()] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field: --set lr=1e-6 (repeatable).")] = None,
 ) -> None:
-    """GRPO with dynamic sampling, clip-higher, token-level loss, easy-data pool and test-difficulty rewards."""
+    """GRPO with dynamic sampling, clip-higher, token-level loss, easy-data pool and test-difficulty rewards.
+    `--set cluster.backend=ray --set cluster.rollout_workers=2 --set cluster.reward_workers=2` runs the
+    same loop with rollout engines and reward scorers on Ray actors (a local cluster, or cluster.address)."""
     from thinkforge.commands.train import progress_bar
     from thinkforge.train.rl import RLConfig, rl
     from thinkforge.utils import load_config, parse_overrides
@@ -25,7 +27,11 @@ def rl_cmd(
     named = {"model": model, "out_dir": out, "steps": steps, "device": device, "seed": seed,
              "tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None}
     overrides = {**{k: v for k, v in named.items() if v is not None}, **parse_overrides(set_)}
+    # `--set cluster.backend=ray`: dotted keys override one field of the recipe's `cluster:` mapping.
+    cluster = {k.split(".", 1)[1]: overrides.pop(k) for k in list(overrides) if k.startswith("cluster.")}
     cfg = load_config(RLConfig, recipe, "rl" if recipe else None, overrides)
+    if cluster:
+        cfg.cluster = {**cfg.cluster, **cluster}
     with progress_bar() as bar:
         summary = rl(cfg, bar)
     accs = ", ".join(f"{t} {100 * a:.1f}%" for t, a in summary["accuracy"].items())

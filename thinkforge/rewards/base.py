@@ -19,7 +19,7 @@ from concurrent.futures import TimeoutError as FutureTimeout  # builtin TimeoutE
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from thinkforge.errors import ThinkforgeError, UnknownNameError
+from thinkforge.errors import SandboxUnavailable, ThinkforgeError, UnknownNameError
 from thinkforge.tasks.base import Problem
 
 
@@ -196,6 +196,8 @@ class RewardRouter:
         for name, weight, opts in self.route(problem.task):
             try:
                 res = _sanitize(self.fn(name, opts)(problem, response), name)
+            except SandboxUnavailable:
+                raise  # no isolation for untrusted code: a setup error that must stop the run, not a reward 0
             except Exception as err:  # noqa: BLE001 - a broken reward must not stop the run
                 res = RewardResult(0.0, False, f"reward_error: {name}: {type(err).__name__}: {err}"[:300])
             parts.append((name, weight, res))
@@ -210,6 +212,13 @@ class RewardRouter:
         if res.reason.startswith(("reward_error", "reward_invalid")):
             self._note(f"{problem.id}: {res.reason}")
         return res
+
+    def score_now(self, problem: Problem, response: str) -> RewardResult:
+        """Scores in the calling thread (a Ray reward actor's body), with the router's error handling."""
+        return self._score_now(problem, response)
+
+    def refresh(self, state: dict[str, Any]) -> None:
+        """`RewardPool.refresh`: nothing to hand over, this router is the owner of the reward state."""
 
     def submit(self, problem: Problem, response: str) -> Future:
         """Schedules scoring in the pool; collect with `result(future)`."""

@@ -24,12 +24,15 @@ import math
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from thinkforge.engine.base import SamplingParams
-from thinkforge.engine.native import LLMEngine, SequenceOutput
-from thinkforge.rewards.base import RewardResult, RewardRouter
+from thinkforge.engine.native import SequenceOutput
+from thinkforge.rewards.base import RewardResult
 from thinkforge.rollout.data import Slot, StepDraw
+
+if TYPE_CHECKING:
+    from thinkforge.cluster.roles import RewardPool, RolloutEngine
 
 
 @dataclass
@@ -104,7 +107,9 @@ class RolloutResult:
 
 
 class SeamlessRollout:
-    def __init__(self, engine: LLMEngine, router: RewardRouter, tasks: dict[str, Any], cfg: RolloutConfig) -> None:
+    def __init__(self, engine: RolloutEngine, router: RewardPool, tasks: dict[str, Any], cfg: RolloutConfig) -> None:
+        """`engine` is one engine or a fan-out over many (`thinkforge.cluster`): the scheduler drives them
+        all at once. `router` is the reward pool (threads in-process, or CPU actors)."""
         from thinkforge.engine.backends import apply_chat_template
 
         self.engine, self.router, self.tasks, self.cfg = engine, router, tasks, cfg
@@ -133,10 +138,7 @@ class SeamlessRollout:
                   filter_degenerate=cfg.filter_degenerate)
         groups.append(g)
         by_rid[rid] = g
-        self.engine.add_request(g.prompt_ids, params, request_id=rid, on_finish=self._on_finish)
-
-    def _on_finish(self, out: SequenceOutput) -> None:
-        self._finished.append(out)
+        self.engine.add_request(g.prompt_ids, params, request_id=rid)
 
     def _score_inline(self, g: Group, i: int) -> None:
         s = g.samples[i]
@@ -242,7 +244,7 @@ class SeamlessRollout:
             # --- 5. generate, or wait for rewards
             if engine.has_unfinished():
                 t = time.perf_counter()
-                engine.step()
+                self._finished += engine.step()
                 engine_steps += 1
                 dt = time.perf_counter() - t
                 gen_s += dt
@@ -260,7 +262,7 @@ class SeamlessRollout:
                     g.aborted = True
             t = time.perf_counter()
             while engine.has_unfinished():
-                engine.step()
+                self._finished += engine.step()
             gen_s += time.perf_counter() - t
             for out in self._finished:
                 g = by_rid.get(out.request_id)

@@ -10,6 +10,11 @@ DAPO's soft length penalty; `on_policy` is MiMo-VL's fully on-policy mode (one u
 ratio is 1 and the loss is the plain policy gradient). The engine's log-probs are compared with the
 trainer's on the first mini-batch (`logprob_drift`), which catches a sampler/trainer mismatch.
 
+The run is one controller driving roles (`thinkforge.cluster`): a rollout engine, a reward pool and a
+weight sync, in this process by default, or on Ray actors with `cluster.backend=ray` (same loop, same
+batch: the rollout selects groups in slot order, whichever worker produced them). The engines carry a
+weight version; before each rollout the controller checks they hold the trainer's latest weights.
+
 Run management: YAML recipe + overrides, checkpoint/resume of policy, optimizer, RNG, prompt stream,
 Easy-Data Pool, pass-rate and test-difficulty statistics (a resumed run sees the same data order),
 jsonl + tensorboard metrics, periodic held-out evaluation through `thinkforge.eval.evaluate`.
@@ -27,6 +32,8 @@ from typing import Any
 
 import torch
 
+from thinkforge.cluster.config import ClusterConfig
+from thinkforge.cluster.weights import WeightVersionError
 from thinkforge.engine.base import Backend, Completion, Message, SamplingParams
 from thinkforge.errors import ThinkforgeError
 from thinkforge.rollout.engine import Group
@@ -45,6 +52,7 @@ from thinkforge.utils import (
     append_jsonl,
     asdict,
     atomic_write_json,
+    build_config,
     ensure_writable_dir,
     run_metadata,
     seed_everything,
@@ -109,6 +117,12 @@ class RLConfig:
     train_mtp: bool = False  # MiMo keeps MTP layers frozen during RL (they still draft for speculative rollouts)
     speculative: str | None = None  # "mtp": rollouts decode with the checkpoint's MTP layers drafting
     num_draft: int = 1  # draft tokens per verify step (<= the checkpoint's MTP layers)
+    # Where the roles run: the fields of `thinkforge.cluster.ClusterConfig` (empty = one process). A plain
+    # mapping, so the config stays JSON (`--set cluster.backend=ray` sets one key).
+    cluster: dict = field(default_factory=dict)
+
+    def cluster_config(self) -> ClusterConfig:
+        return build_config(ClusterConfig, self.cluster, "rl: cluster")
 
     def check(self) -> None:
         if not self.model:
@@ -132,6 +146,7 @@ class RLConfig:
             raise ThinkforgeError(f"rl: bad clip range ({self.clip_low}, {self.clip_high})")
         if self.temperature <= 0:
             raise ThinkforgeError("rl: temperature must be > 0 (log-probs of a greedy policy are not a distribution)")
+        self.cluster_config().check()
 
 
 # ---------------------------------------------------------------------------------------- eval backend
@@ -186,44 +201,58 @@ def _train_problems(cfg: RLConfig) -> tuple[list[Any], dict[str, Any]]:
     return problems, tasks
 
 
+def _loss_denominator(rows: list[TrainSample], cfg: RLConfig) -> int:
+    """What the mini-batch's loss is divided by: its tokens (token-level loss) or its samples."""
+    if cfg.loss_agg == "token":
+        return sum(len(r.old_logprobs) for r in rows if r.mask) or 1
+    return sum(1 for r in rows if r.mask) or 1
+
+
+def _micro_backward(model: Any, ref: Any, batch: dict[str, torch.Tensor], cfg: RLConfig, denom: float, first: bool,
+                    step: int, totals: dict[str, float], scale: float = 1.0) -> None:
+    """Forward + backward of one micro-batch; its loss is divided by the whole mini-batch's `denom`, times
+    `scale` (the FSDP trainer's world size, since its gradient reduction averages over ranks)."""
+    logp, entropy = token_logprobs(model, batch, cfg.temperature, with_entropy=True)
+    comp = batch["completion"]
+    if first:
+        # Before the first update the trainer's policy is the rollout policy: any gap is sampler drift.
+        gap = (logp.detach() - batch["old"]).abs() * comp
+        totals["drift"] += float(gap.sum())
+        totals["drift_max"] = max(totals["drift_max"], float(gap.max()))
+    old = logp.detach() if cfg.on_policy else batch["old"]
+    ref_logp = None
+    if ref is not None:
+        with torch.no_grad():
+            ref_logp, _ = token_logprobs(ref, batch, cfg.temperature)
+    mask = batch["mask"]
+    if cfg.loss_agg == "sequence":
+        mask = mask * batch["weight"][:, None]  # each sample's tokens share weight 1/len
+    loss, stats = policy_loss(logp, old, batch["adv"], mask, cfg.clip_low, cfg.clip_high, ref_logp, cfg.kl_coef)
+    loss = loss / denom
+    if not torch.isfinite(loss):
+        raise ThinkforgeError(f"rl: loss is {float(loss.detach())} at step {step}; last good checkpoint kept in "
+                              f"{Path(cfg.out_dir) / 'checkpoint'}")
+    (loss * scale if scale != 1.0 else loss).backward()
+    totals["loss"] += float(loss.detach())
+    totals["tokens"] += float(batch["mask"].sum())
+    totals["entropy"] += float((entropy * comp).sum())
+    for k in ("clipped", "kl", "ratio"):
+        totals[k] += float(stats[k])
+
+
+def _new_totals() -> dict[str, float]:
+    return {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "ratio": 0.0, "tokens": 0.0, "entropy": 0.0, "drift": 0.0,
+            "drift_max": 0.0}
+
+
 def _update(model: Any, ref: Any, optimizer: torch.optim.Optimizer, rows: list[TrainSample], cfg: RLConfig,
             pad_id: int, device: Any, first: bool, step: int) -> dict[str, float]:
     """One gradient update on a mini-batch (micro-batched). Returns the update's statistics."""
-    if cfg.loss_agg == "token":
-        denom = sum(len(r.old_logprobs) for r in rows if r.mask) or 1
-    else:
-        denom = sum(1 for r in rows if r.mask) or 1
-    totals = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "ratio": 0.0, "tokens": 0.0, "entropy": 0.0,
-              "drift": 0.0, "drift_max": 0.0}
+    denom = _loss_denominator(rows, cfg)
+    totals = _new_totals()
     for i in range(0, len(rows), cfg.micro_batch_size):
         batch = collate(rows[i: i + cfg.micro_batch_size], pad_id, device)
-        logp, entropy = token_logprobs(model, batch, cfg.temperature, with_entropy=True)
-        comp = batch["completion"]
-        if first:
-            # Before the first update the trainer's policy is the rollout policy: any gap is sampler drift.
-            gap = (logp.detach() - batch["old"]).abs() * comp
-            totals["drift"] += float(gap.sum())
-            totals["drift_max"] = max(totals["drift_max"], float(gap.max()))
-        old = logp.detach() if cfg.on_policy else batch["old"]
-        ref_logp = None
-        if ref is not None:
-            with torch.no_grad():
-                ref_logp, _ = token_logprobs(ref, batch, cfg.temperature)
-        mask = batch["mask"]
-        if cfg.loss_agg == "sequence":
-            mask = mask * batch["weight"][:, None]  # each sample's tokens share weight 1/len
-        loss, stats = policy_loss(logp, old, batch["adv"], mask, cfg.clip_low, cfg.clip_high, ref_logp, cfg.kl_coef)
-        loss = loss / denom
-        if not torch.isfinite(loss):
-            raise ThinkforgeError(f"rl: loss is {float(loss.detach())} at step {step}; last good checkpoint kept in "
-                                  f"{Path(cfg.out_dir) / 'checkpoint'}")
-        loss.backward()
-        n_tok = float(batch["mask"].sum())
-        totals["loss"] += float(loss.detach())
-        totals["tokens"] += n_tok
-        totals["entropy"] += float((entropy * comp).sum())
-        for k in ("clipped", "kl", "ratio"):
-            totals[k] += float(stats[k])
+        _micro_backward(model, ref, batch, cfg, denom, first, step, totals)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     if not torch.isfinite(grad_norm):
         raise ThinkforgeError(f"rl: gradient norm is {float(grad_norm)} at step {step}; last good checkpoint "
@@ -300,15 +329,35 @@ def _step_metrics(groups: list[Group], selected: list[Group]) -> dict[str, float
     return out
 
 
+def _named_weights(model: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
 def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
     """Runs (or resumes) RL; returns the stage summary. Final model in `out_dir/model`."""
-    from thinkforge.engine.loading import resolve_dtype
-    from thinkforge.engine.native import LLMEngine
-    from thinkforge.model.io import load_model, resolve_device
-    from thinkforge.rewards import RewardRouter
-    from thinkforge.rollout import ProblemSampler, RolloutConfig, SeamlessRollout
+    from thinkforge.cluster.setup import preflight
 
     cfg.check()
+    started_ray = preflight(cfg.cluster_config())  # a Ray address that does not answer fails here, before any compute
+    roles = None
+    try:
+        roles = _start(cfg, started_ray)
+        return _run(cfg, progress, *roles)
+    finally:
+        if roles is None and started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _start(cfg: RLConfig, started_ray: bool) -> tuple[Any, ...]:
+    """Loads the policy and builds the roles: (model, tokenizer, optimizer, ref, sampler, router, roles, state)."""
+    from thinkforge.cluster.setup import build_roles
+    from thinkforge.engine.loading import resolve_dtype
+    from thinkforge.model.io import load_model, resolve_device
+    from thinkforge.rewards import RewardRouter
+    from thinkforge.rollout import ProblemSampler
+
     out_dir = ensure_writable_dir(cfg.out_dir)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -322,7 +371,6 @@ def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
         from thinkforge.model.mtp import freeze_mtp
 
         freeze_mtp(model)  # before the optimizer is built, so it never holds them
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     sampler = ProblemSampler(problems, cfg.seed, cfg.easy_alpha, cfg.easy_pool)
@@ -333,12 +381,23 @@ def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
         router.load_state_dict(state["rewards"])
     router.restore(cfg.tasks)
     model.train()
-    engine_model = copy.deepcopy(model).requires_grad_(False)
-    # Speculative sampling keeps the main model's distribution and log-probs, so the objective is unchanged.
-    engine = LLMEngine(engine_model, tokenizer, max_batch_size=cfg.engine_max_batch, seed=cfg.seed,
-                       dtype=resolve_dtype(cfg.engine_dtype, device), speculative=cfg.speculative,
-                       num_draft=cfg.num_draft)
-    rollout = SeamlessRollout(engine, router, tasks, RolloutConfig(
+    try:
+        roles = build_roles(cfg, model, tokenizer, device, router, started_ray)
+    except BaseException:
+        router.close()
+        raise
+    return model, tokenizer, optimizer, ref, sampler, router, roles, state, tasks, device
+
+
+def _run(cfg: RLConfig, progress: Any, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer, ref: Any,
+         sampler: Any, router: Any, roles: Any, state: dict[str, Any], tasks: dict[str, Any],
+         device: Any) -> dict[str, Any]:
+    from thinkforge.rollout import RolloutConfig, SeamlessRollout
+
+    out_dir = Path(cfg.out_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engine, rewards = roles.engine, roles.rewards
+    rollout = SeamlessRollout(engine, rewards, tasks, RolloutConfig(
         group_size=cfg.group_size, max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         continuous=cfg.continuous, async_reward=cfg.async_reward, early_termination=cfg.early_termination,
         max_slots_factor=cfg.max_slots_factor, system_prompt=cfg.system_prompt, reward_lag=cfg.reward_lag,
@@ -350,6 +409,9 @@ def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
     bar = progress.add_task("rl", total=cfg.steps, completed=state["step"]) if progress else None
     stopped = None
     try:
+        # Version = the step whose update produced the weights; the engines start from the trainer's.
+        version = state["step"]
+        roles.sync.push(_named_weights(model), version)
         if cfg.eval_at_start and state["step"] == 0 and "0" not in state["eval"]:
             state["eval"]["0"] = evaluate_heldout(engine, cfg, out_dir, 0)
             log.log(0, **{f"eval/{k}": v for k, v in state["eval"]["0"].items()})
@@ -358,6 +420,12 @@ def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
             lr = cosine_lr(step - 1, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            if engine.weight_version != version:  # on-policy: never sample from weights we did not send
+                raise WeightVersionError(f"rl step {step}: rollout engine holds weights version "
+                                         f"{engine.weight_version}, the trainer's are version {version}")
+            if rewards is not router:
+                rewards.refresh(router.state_dict())  # remote scorers see the committed test statistics
+            overhead0 = _engine_overhead(engine)
             draw = sampler.begin_step()
             res = rollout.collect(draw, cfg.batch_groups)
             sampler.commit(draw, len(res.groups), [(g.rewards, g.correct) for g in res.groups])
@@ -367,20 +435,23 @@ def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
             append_jsonl(out_dir / "rollouts.jsonl",
                          {"step": step, "groups": [_rollout_row(g, g in res.selected) for g in res.groups]})
             row: dict[str, Any] = {"lr": lr, **res.stats, **_step_metrics(res.groups, res.selected),
-                                   **sampler.summary()}
+                                   **sampler.summary(), "weight_version": version}
+            if overhead0 is not None:
+                row["ray_overhead_s"] = _engine_overhead(engine) - overhead0
             t_train = time.perf_counter()
             if res.selected:
                 state["degenerate_steps"] = 0
                 row.update(_train_step(model, ref, optimizer, res.selected, cfg, pad_id, device, step))
                 state["tokens"] += int(row["train_tokens"])
-                with torch.no_grad():
-                    engine.load_weights({k: v.detach() for k, v in model.named_parameters()})
+                row["train_s"] = time.perf_counter() - t_train
+                version = step
+                row["weight_sync_s"] = roles.sync.push(_named_weights(model), version)
             else:
                 state["degenerate_steps"] += 1
                 warnings.warn(f"rl step {step}: no valid group in {res.stats['groups_started']} groups (every group's "
                               "rewards were equal: all solved or all failed); no update this step", RuntimeWarning,
                               stacklevel=2)
-            row["train_s"] = time.perf_counter() - t_train
+                row["train_s"] = time.perf_counter() - t_train
             row["valid_groups_short"] = cfg.batch_groups - len(res.selected)
             state["step"] = step
             state["valid_ratio"] = rollout.valid_ratio
@@ -404,7 +475,10 @@ def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
         log.log(state["step"], **{f"eval/{k}": v for k, v in final_eval.items()})
     finally:
         log.close()
-        router.close()
+        try:
+            roles.close()
+        finally:
+            router.close()
     atomic_write_json(out_dir / "pass_rates.json", sampler.state_dict())
     path = finalize(out_dir, model, tokenizer)
     summary = {
@@ -414,3 +488,11 @@ def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
     }
     write_stage_summary(out_dir, summary)
     return summary
+
+
+def _engine_overhead(engine: Any) -> float | None:
+    """Seconds a fanned-out engine spent outside its workers' compute (RPC, serialisation), or None."""
+    stats = getattr(engine, "stats", None)
+    if not isinstance(stats, dict) or "step_wall_s" not in stats:
+        return None
+    return stats["step_wall_s"] - stats["worker_busy_s"]
