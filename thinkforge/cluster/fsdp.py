@@ -89,4 +89,6 @@ def full_weights(model: Any) -> dict[str, torch.Tensor]:
     """The unsharded parameters on CPU: every rank takes part, rank 0 gets them (the others an empty dict)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = {k for k, _ in model.named_parameters()}  # the state dict also lists tied aliases (lm_head)
+    return {k: v for k, v in full.items() if k in names}
