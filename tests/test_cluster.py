@@ -203,3 +203,18 @@ def test_bad_cluster_settings_fail_in_one_line_before_any_compute(micro, tmp_pat
     assert bad.returncode == 2 and "cluster.backend must be one of local, ray" in bad.stderr
     with pytest.raises(ThinkforgeError, match="need cluster.backend=ray"):
         ClusterConfig(rollout_workers=2).check()
+
+
+# ------------------------------------------------------------------------------------ bounded staleness
+def test_bounded_staleness_is_opt_in_bounded_and_logged_per_sample(micro, tmp_path):
+    """max_staleness=1: groups past the selected prefix stay in flight into the next step (continuing under
+    the new weights) and may be trained on one version late, never more; each sample's staleness is logged."""
+    from thinkforge.train.rl import rl
+
+    rl(_cfg(micro, tmp_path / "run", steps=4, cluster={"max_staleness": 1}))
+    rows = read_jsonl(tmp_path / "run" / "rollouts.jsonl")
+    lags = [lag for r in rows for g in r["groups"] if g["selected"] for lag in g["staleness"]]
+    assert len(lags) == 4 * 3 * 4  # every trained sample: [first token, last token] versions behind
+    assert max(first for first, _ in lags) == 1 and all(0 <= last <= first <= 1 for first, last in lags)
+    metrics = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert max(r["staleness_max"] for r in metrics) == 1

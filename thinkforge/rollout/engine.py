@@ -52,6 +52,11 @@ class RolloutConfig:
     # sample finished (waiting if need be). A fixed lag makes admissions and the batch a function of the
     # seed alone, so reruns match, while scoring still overlaps that many generation steps.
     reward_lag: int = 0
+    # Bounded staleness (opt-in, AReaL): > 0 keeps the groups past the selected prefix in flight into the
+    # next steps (partial rollout: they continue under the new weights) instead of aborting them; a group
+    # started more than `max_staleness` weight versions ago is dropped, and admission also obeys AReaL's
+    # capacity (max_staleness + version + 1) * need - (accepted + running). 0 = on-policy (MiMo).
+    max_staleness: int = 0
 
 
 @dataclass
@@ -61,6 +66,7 @@ class Sample:
     finish_reason: str
     text: str
     reward: RewardResult | None = None
+    version: int = 0  # weight version when the sample finished (its first tokens are from its group's version)
 
 
 @dataclass
@@ -74,6 +80,7 @@ class Group:
     generated: int = 0
     aborted: bool = False
     filter_degenerate: bool = True
+    version: int = 0  # weight version the group started under (behaviour policy of its first tokens)
 
     @property
     def complete(self) -> bool:
@@ -118,6 +125,9 @@ class SeamlessRollout:
         self.valid_ratio = 0.5  # running estimate; only sizes admissions, never changes the batch
         self._finished: list[SequenceOutput] = []
         self._step = 0
+        self.policy_version = 0  # set by the controller: the version the engines hold
+        self.accepted = 0  # groups selected for training so far (AReaL's capacity rule)
+        self._carry: dict[int, Group] = {}  # slot index -> group kept in flight from an earlier step
 
     def prompt_ids(self, slot: Slot) -> list[int]:
         pid = slot.problem.id
@@ -131,14 +141,35 @@ class SeamlessRollout:
     def _admit(self, draw: StepDraw, groups: list[Group], by_rid: dict[str, Group]) -> None:
         slot = draw.next()
         cfg = self.cfg
+        carried = self._carry.pop(slot.index, None)
+        if carried is not None:
+            # The slot resolves to the same problem and seed as when it was started: reuse its samples
+            # (unless the easy pool moved it to another problem).
+            if carried.slot.problem.id == slot.problem.id:
+                carried.slot = slot
+                groups.append(carried)
+                return
+            self._drop(carried, by_rid)
         rid = f"rl{self._step}-s{slot.index}"
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
                                 n=cfg.group_size, seed=slot.seed, logprobs=True)
         g = Group(slot, self.prompt_ids(slot), rid, [None] * cfg.group_size,
-                  filter_degenerate=cfg.filter_degenerate)
+                  filter_degenerate=cfg.filter_degenerate, version=self.policy_version)
         groups.append(g)
         by_rid[rid] = g
         self.engine.add_request(g.prompt_ids, params, request_id=rid)
+
+    def _drop(self, g: Group, by_rid: dict[str, Group]) -> None:
+        if not g.complete:
+            self.engine.abort(g.request_id)
+        for fut in g.futures.values():
+            fut.cancel()
+        by_rid.pop(g.request_id, None)
+
+    def _capacity(self, groups: list[Group]) -> float:
+        """AReaL's staleness capacity, in groups: how many more may start now."""
+        running = sum(1 for g in groups if not g.complete) + sum(1 for g in self._carry.values() if not g.complete)
+        return (self.cfg.max_staleness + self.policy_version + 1) * self._need - (self.accepted + running)
 
     def _score_inline(self, g: Group, i: int) -> None:
         s = g.samples[i]
@@ -163,7 +194,12 @@ class SeamlessRollout:
         self._step += 1
         max_slots = max(need, math.ceil(need * cfg.max_slots_factor))
         groups: list[Group] = []
-        by_rid: dict[str, Group] = {}
+        self._need = need
+        for k, g in list(self._carry.items()):  # too stale to train on now: dropped
+            if self.policy_version - g.version > cfg.max_staleness:
+                self._drop(g, {})
+                del self._carry[k]
+        by_rid: dict[str, Group] = {g.request_id: g for g in self._carry.values()}
         deferred: list[tuple[Group, int]] = []  # naive mode: scored when the round's generation is done
         t0 = time.perf_counter()
         gen_s = wait_s = busy_rows = 0.0
@@ -178,7 +214,8 @@ class SeamlessRollout:
                 if g is None or out.completion.finish_reason == "abort":
                     continue
                 c = out.completion
-                g.samples[out.index] = Sample(list(c.token_ids), list(c.logprobs or []), c.finish_reason, c.text)
+                g.samples[out.index] = Sample(list(c.token_ids), list(c.logprobs or []), c.finish_reason, c.text,
+                                              version=self.policy_version)
                 g.generated += 1
                 if cfg.async_reward:
                     g.futures[out.index] = router.submit(g.slot.problem, c.text)
@@ -229,7 +266,8 @@ class SeamlessRollout:
                 # far as the engine has rows for (a short queue keeps aborts cheap).
                 expected = self._expected_valid(groups)
                 while (expected < need and len(groups) < max_slots
-                       and engine.num_running + engine.num_waiting < capacity):
+                       and engine.num_running + engine.num_waiting < capacity
+                       and (not cfg.max_staleness or self._capacity(groups) > 0)):
                     self._admit(draw, groups, by_rid)
                     expected += self.valid_ratio
             elif idle_engine and not pending and not in_flight:
@@ -253,9 +291,14 @@ class SeamlessRollout:
                 t = time.perf_counter()
                 wait(pending, timeout=max(0.001, min(router.timeout_s, 0.5)), return_when=FIRST_COMPLETED)
                 wait_s += time.perf_counter() - t
-        # --- early termination: abort whatever is still in flight past the selected prefix
-        aborted_tokens = 0
-        if end >= 0:
+        # --- early termination: abort whatever is still in flight past the selected prefix (with bounded
+        # staleness, keep it in flight for the next steps instead)
+        aborted_tokens = carried_tokens = 0
+        if end >= 0 and cfg.max_staleness:
+            for g in groups[end:]:
+                self._carry[g.slot.index] = g  # its outputs and rewards keep arriving at the next collects
+                carried_tokens += g.tokens
+        elif end >= 0:
             for g in groups[end:]:
                 if not g.complete:
                     engine.abort(g.request_id)
@@ -277,9 +320,10 @@ class SeamlessRollout:
         prefix = groups[:end]
         selected = [g for g in prefix if g.valid][:need]
         wall = time.perf_counter() - t0
-        generated = sum(g.tokens for g in groups) + aborted_tokens
+        generated = sum(g.tokens for g in groups) + aborted_tokens - carried_tokens  # kept ones count when used
         used = sum(g.tokens for g in selected)
         degenerate = sum(g.tokens for g in prefix if not g.valid)
+        self.accepted += len(selected)
         if prefix:
             ratio = len(selected) / len(prefix)
             self.valid_ratio = 0.5 * self.valid_ratio + 0.5 * max(ratio, 1e-3)

@@ -301,11 +301,14 @@ def _train_step(model: Any, ref: Any, optimizer: torch.optim.Optimizer, groups: 
             "logprob_drift_max": agg["logprob_drift_max"], "train_tokens": agg["comp_tokens"] / epochs, **extra}
 
 
-def _rollout_row(g: Group, selected: bool) -> dict[str, Any]:
+def _rollout_row(g: Group, selected: bool, version: int | None = None) -> dict[str, Any]:
     """One group's line in rollouts.jsonl, with the reasons of reward functions that failed (raised, timed
-    out, returned junk: those samples scored 0 and the run went on)."""
+    out, returned junk: those samples scored 0 and the run went on). With bounded staleness (`version` given),
+    each sample's staleness: [versions behind for its first token, for its last token]."""
     row = {"problem": g.slot.problem.id, "slot": g.slot.index, "source": g.slot.source,
            "rewards": [round(r, 4) for r in g.rewards], "selected": selected}
+    if version is not None:
+        row["staleness"] = [[version - g.version, version - s.version] for s in g.samples]
     errors = [s.reward.reason[:300] for s in g.samples if s.reward.reason.startswith("reward_")]
     if errors:
         row["reward_errors"] = errors
@@ -397,11 +400,13 @@ def _run(cfg: RLConfig, progress: Any, model: Any, tokenizer: Any, optimizer: to
     out_dir = Path(cfg.out_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     engine, rewards = roles.engine, roles.rewards
+    cluster = cfg.cluster_config()
+    stale = cluster.max_staleness > 0
     rollout = SeamlessRollout(engine, rewards, tasks, RolloutConfig(
         group_size=cfg.group_size, max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         continuous=cfg.continuous, async_reward=cfg.async_reward, early_termination=cfg.early_termination,
         max_slots_factor=cfg.max_slots_factor, system_prompt=cfg.system_prompt, reward_lag=cfg.reward_lag,
-        filter_degenerate=cfg.dynamic_sampling))
+        filter_degenerate=cfg.dynamic_sampling, max_staleness=cluster.max_staleness))
     rollout.valid_ratio = state.get("valid_ratio", rollout.valid_ratio)
     log = MetricLog(out_dir, resume_step=state["step"])
     trim_steps(out_dir / "rollouts.jsonl", state["step"])
@@ -426,6 +431,7 @@ def _run(cfg: RLConfig, progress: Any, model: Any, tokenizer: Any, optimizer: to
             if rewards is not router:
                 rewards.refresh(router.state_dict())  # remote scorers see the committed test statistics
             overhead0 = _engine_overhead(engine)
+            rollout.policy_version = version
             draw = sampler.begin_step()
             res = rollout.collect(draw, cfg.batch_groups)
             sampler.commit(draw, len(res.groups), [(g.rewards, g.correct) for g in res.groups])
@@ -433,9 +439,13 @@ def _run(cfg: RLConfig, progress: Any, model: Any, tokenizer: Any, optimizer: to
                 for s in g.samples:
                     router.commit(g.slot.problem, s.reward)
             append_jsonl(out_dir / "rollouts.jsonl",
-                         {"step": step, "groups": [_rollout_row(g, g in res.selected) for g in res.groups]})
+                         {"step": step, "groups": [_rollout_row(g, g in res.selected, version if stale else None)
+                                                   for g in res.groups]})
             row: dict[str, Any] = {"lr": lr, **res.stats, **_step_metrics(res.groups, res.selected),
                                    **sampler.summary(), "weight_version": version}
+            if stale:  # versions behind, of the first token of each trained sample (AReaL's staleness)
+                lags = [version - g.version for g in res.selected for _ in g.samples] or [0]
+                row.update(staleness_mean=sum(lags) / len(lags), staleness_max=max(lags))
             if overhead0 is not None:
                 row["ray_overhead_s"] = _engine_overhead(engine) - overhead0
             t_train = time.perf_counter()
