@@ -6,6 +6,12 @@
                [+ kl_coef * k3(pi_theta || pi_ref)]
 
 Pure functions over tensors and rollout groups, so each piece is tested on its own numbers.
+
+Multimodal samples (MiMo-VL's MORL) carry their prompt's vision inputs in `TrainSample.mm`: the batch then
+also holds `pixel_values`, `image_grid_thw` and `mm_token_type_ids` (3D MRoPE), and the vision token ids
+the sampler suppressed, which the trainer's log-probs exclude too (so they are the sampling policy's).
+A group gets them from the rollout (`Group.mm`, set by `thinkforge.vl.rollout`). Text batches are
+built and scored exactly as before.
 """
 
 from __future__ import annotations
@@ -70,6 +76,9 @@ class TrainSample:
     advantage: float
     mask: bool  # False: excluded from the loss (overlong masking)
     weight: float = 1.0  # per-token weight multiplier (sequence-level aggregation)
+    # Vision inputs of the prompt: pixel_values [patches, D], image_grid_thw [images, 3], mm_token_type_ids
+    # (one per prompt token), suppress_ids (token ids the sampler never emits). None for text.
+    mm: dict[str, Any] | None = None
 
 
 def build_samples(groups: list[Group], *, std_normalize: bool = True, overlong: str = "mask", max_tokens: int = 0,
@@ -85,13 +94,14 @@ def build_samples(groups: list[Group], *, std_normalize: bool = True, overlong: 
                 r += overlong_penalty(len(s.token_ids), max_tokens, overlong_buffer, overlong_factor)
             shaped.append(r)
         adv = group_advantages(shaped, std_normalize)
+        mm = getattr(g, "mm", None)
         rows = []
         for s, a in zip(g.samples, adv, strict=True):
             trunc = s.finish_reason == "length"
             truncated += trunc
             lengths.append(len(s.token_ids))
             rows.append(TrainSample(g.prompt_ids + s.token_ids, len(g.prompt_ids), s.logprobs, a,
-                                    not (trunc and overlong == "mask"), 1.0 / max(1, len(s.token_ids))))
+                                    not (trunc and overlong == "mask"), 1.0 / max(1, len(s.token_ids)), mm))
         out.append(rows)
     return out, {"truncated_frac": truncated / max(1, len(lengths))}
 
@@ -110,20 +120,61 @@ def collate(rows: list[TrainSample], pad_id: int, device: Any) -> dict[str, torc
         lo, hi = r.prompt_len - 1, n - 1
         comp[i, lo:hi] = True
         old[i, lo:hi] = torch.tensor(r.old_logprobs[: hi - lo], dtype=torch.float32)
-    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "completion": comp.to(device),
-            "old": old.to(device), "adv": torch.tensor([r.advantage for r in rows], device=device),
-            "mask": torch.tensor([r.mask for r in rows], device=device)[:, None] & comp.to(device),
-            "weight": torch.tensor([r.weight for r in rows], device=device)}
+    batch = {"input_ids": ids.to(device), "attention_mask": attn.to(device), "completion": comp.to(device),
+             "old": old.to(device), "adv": torch.tensor([r.advantage for r in rows], device=device),
+             "mask": torch.tensor([r.mask for r in rows], device=device)[:, None] & comp.to(device),
+             "weight": torch.tensor([r.weight for r in rows], device=device)}
+    if any(r.mm is not None for r in rows):
+        batch.update(collate_multimodal(rows, width, device))
+    return batch
+
+
+MM_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+def collate_multimodal(rows: list[TrainSample], width: int, device: Any) -> dict[str, torch.Tensor]:
+    """Vision inputs in row order (a group's rows repeat their prompt's images: each row needs its own
+    features), token types padded like `input_ids`, and the union of the suppressed token ids."""
+    types = torch.zeros((len(rows), width), dtype=torch.long)
+    pixels, grids, suppress = [], [], set()
+    for i, r in enumerate(rows):
+        if r.mm is None:
+            continue
+        prompt_types = list(r.mm.get("mm_token_type_ids", []))
+        if len(prompt_types) != r.prompt_len:
+            raise ValueError(f"multimodal sample: {len(prompt_types)} token types for a {r.prompt_len}-token prompt")
+        types[i, : r.prompt_len] = torch.tensor(prompt_types, dtype=torch.long)
+        if r.mm.get("pixel_values") is not None:
+            pixels.append(r.mm["pixel_values"])
+            grids.append(r.mm["image_grid_thw"])
+        suppress.update(r.mm.get("suppress_ids", []))
+    out = {"mm_token_type_ids": types.to(device)}
+    if pixels:
+        out["pixel_values"] = torch.cat(pixels).to(device)
+        out["image_grid_thw"] = torch.cat(grids).to(device)
+    if suppress:
+        out["suppress_ids"] = torch.tensor(sorted(suppress), dtype=torch.long, device=device)
+    return out
 
 
 def token_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: float,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(token_t | prefix) at the sampling temperature for every target position, [B, T-1]."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    vision = {k: batch[k] for k in MM_INPUTS if k in batch}
+    if "pixel_values" in vision:
+        vision["pixel_values"] = vision["pixel_values"].to(next(model.parameters()).dtype)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **vision).logits[:, :-1].float()
+    if "suppress_ids" in batch:  # the sampler never emits these: its distribution is renormalised without them
+        logits = logits.index_fill(-1, batch["suppress_ids"], float("-inf"))
     logp_all = torch.log_softmax(logits / temperature, dim=-1)
     logp = logp_all.gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    if "suppress_ids" in batch:  # prompt targets may be vision tokens (-inf): only completion tokens count
+        logp = logp.masked_fill(~batch["completion"], 0.0)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            plogp = logp_all.exp() * logp_all
+            if "suppress_ids" in batch:  # 0 * -inf: suppressed tokens add nothing
+                plogp = plogp.nan_to_num(nan=0.0)
+            entropy = -plogp.sum(-1)
     return logp, entropy

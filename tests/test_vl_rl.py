@@ -1,0 +1,80 @@
+"""MORL on the text RL stack: VL rollouts (thinkforge.vl.rollout) feeding the GRPO trainer (thinkforge.train.grpo)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from thinkforge.rewards import RewardResult, RewardRouter, register_reward
+from thinkforge.rollout import ProblemSampler, RolloutConfig
+from thinkforge.tasks import get_task
+from thinkforge.train.grpo import TrainSample, collate
+from thinkforge.train.rl import RLConfig, _train_step
+from thinkforge.vl.model import build_tiny_vl
+from thinkforge.vl.rollout import VLRolloutEngine, VLSeamlessRollout
+
+
+@register_reward("test_length")
+class LengthReward:
+    """Longer answers score higher: an untrained model's groups then have unequal rewards (valid groups)."""
+
+    def __call__(self, problem, response):
+        r = min(1.0, len(response) / 25)
+        return RewardResult(r, r >= 0.5, "length")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tasks = {name: get_task(name) for name in ("vl_count", "vl_compare", "vl_ground")}
+    texts = [f"{p.prompt} {p.solution}" for t in tasks.values() for p in t.problems("train", n=20)]
+    model, proc = build_tiny_vl(texts, "micro", seed=0)
+    return model.train(), proc, tasks
+
+
+def test_vl_rollout_groups_train_the_whole_model_on_policy(setup):
+    model, proc, tasks = setup
+    engine = VLRolloutEngine(copy.deepcopy(model).eval().requires_grad_(False), proc)
+    # Mixed tasks through one router: a real per-task reward for grounding, the length reward elsewhere.
+    router = RewardRouter({"vl_count": "test_length", "vl_compare": "test_length",
+                           "vl_ground": [{"name": "giou", "weight": 1.0}, {"name": "test_length", "weight": 1.0}]},
+                          workers=2)
+    problems = [p for t in tasks.values() for p in t.problems("train", n=4, seed=0)]
+    sampler = ProblemSampler(problems, seed=0, easy_alpha=0.1, easy_pool=True)
+    rollout = VLSeamlessRollout(engine, router, tasks, RolloutConfig(group_size=3, max_tokens=8, temperature=1.0))
+    try:
+        draw = sampler.begin_step()
+        res = rollout.collect(draw, 2)
+        sampler.commit(draw, len(res.groups), [(g.rewards, g.correct) for g in res.groups])
+    finally:
+        router.close()
+    assert len(res.selected) == 2
+    for g in res.selected:
+        assert g.mm["pixel_values"] is not None and len(g.mm["mm_token_type_ids"]) == len(g.prompt_ids)
+        assert sum(g.mm["mm_token_type_ids"]) == g.prompt_ids.count(proc.image_token_id) > 0
+        for s in g.samples:
+            assert not set(s.token_ids) & set(proc.vision_token_ids)
+    cfg = RLConfig(model="unused", tasks=list(tasks), on_policy=True, batch_groups=2, mini_batch_groups=2,
+                   group_size=3, lr=1e-3, max_tokens=8, temperature=1.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    stats = _train_step(model, None, optimizer, res.selected, cfg, proc.tokenizer.pad_token_id, "cpu", 1)
+    # The trainer's log-probs (full forward, vision tokens excluded) are the sampler's (HF generate, KV cache).
+    assert stats["logprob_drift"] < 1e-4 and stats["logprob_drift_max"] < 1e-3
+    assert stats["updates"] == 1 and torch.isfinite(torch.tensor(stats["entropy"]))
+    moved = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert any(k.startswith("model.visual.blocks.") for k in moved)  # gradients reach the ViT...
+    assert any(k.startswith("model.visual.merger.") for k in moved)  # ...the projector
+    assert any(k.startswith("model.language_model.") for k in moved)  # ...and the LLM
+    engine.load_weights({k: v.detach() for k, v in model.named_parameters()})
+    assert all(torch.equal(a, b) for a, b in zip(engine.model.parameters(), model.parameters(), strict=True))
+
+
+def test_text_samples_collate_as_before_and_bad_token_types_fail():
+    rows = [TrainSample([1, 2, 3, 4], 2, [-0.5, -0.2], 1.0, True), TrainSample([1, 2, 5], 2, [-0.1], -1.0, True)]
+    batch = collate(rows, 0, "cpu")
+    assert set(batch) == {"input_ids", "attention_mask", "completion", "old", "adv", "mask", "weight"}
+    bad = TrainSample([1, 2, 3], 2, [-0.1], 1.0, True, mm={"mm_token_type_ids": [0, 0, 0]})
+    with pytest.raises(ValueError, match="3 token types for a 2-token prompt"):
+        collate([bad], 0, "cpu")

@@ -1,0 +1,115 @@
+"""MORL rollouts: the Seamless Rollout scheduler and the GRPO trainer of the text RL stack, on VL models.
+
+- `VLRolloutEngine` implements the `thinkforge.cluster.roles.RolloutEngine` interface with HF
+  `generate` (through `HFVLBackend`: vision tokens suppressed, 3D MRoPE, policy log-probs). A request's
+  images are the ones its prompt ids were encoded with (`register`). Each `step` generates every queued
+  request, one `generate` per request seeded with the request's seed, so reruns match; it trades the
+  native engine's continuous batching (text-only) for simplicity.
+- `VLSeamlessRollout` is `SeamlessRollout` with prompts encoded by the VL processor; every group it
+  admits carries its prompt's vision inputs (`Group.mm`), which `thinkforge.train.grpo.build_samples`
+  hands to the trainer. Dynamic sampling, the easy pool, the reward router and the GRPO objective are
+  the text stack's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from thinkforge.engine.base import Completion, SamplingParams
+from thinkforge.engine.native import SequenceOutput
+from thinkforge.errors import ThinkforgeError
+from thinkforge.rollout.engine import SeamlessRollout
+from thinkforge.vl.backend import HFVLBackend, split_images
+from thinkforge.vl.processor import VLEncoding
+
+
+class VLRolloutEngine:
+    def __init__(self, model: Any, processor: Any, max_batch_size: int = 64, version: int = -1) -> None:
+        from thinkforge.cluster.weights import VersionedReceiver
+
+        self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
+        self.backend = HFVLBackend((model, processor), batch_size=max_batch_size)
+        self.max_batch_size = max_batch_size
+        self._receiver = VersionedReceiver(self.load_weights, version)
+        self._encodings: dict[tuple[int, ...], VLEncoding] = {}
+        self._queue: list[tuple[str, VLEncoding, SamplingParams]] = []
+
+    @property
+    def weight_version(self) -> int:
+        return self._receiver.version
+
+    @property
+    def num_running(self) -> int:
+        return 0  # nothing runs between steps: a step generates its requests to the end
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(p.n for _, _, p in self._queue)
+
+    def register(self, enc: VLEncoding) -> list[int]:
+        """Makes `enc.input_ids` carry `enc`'s images when they come back through `add_request`."""
+        self._encodings[tuple(enc.input_ids)] = enc
+        return enc.input_ids
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, *, request_id: str) -> str:
+        enc = self._encodings.get(tuple(prompt_ids))
+        if enc is None:
+            if self.processor.image_token_id in prompt_ids:
+                raise ThinkforgeError(f"request {request_id}: prompt has image tokens but no registered images")
+            enc = VLEncoding(list(prompt_ids), [0] * len(prompt_ids))
+        self._queue.append((request_id, enc, params))
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        self._queue = [q for q in self._queue if q[0] != request_id]
+
+    def step(self) -> list[SequenceOutput]:
+        queue, self._queue = self._queue, []
+        out = []
+        for rid, enc, params in queue:
+            for i, comp in enumerate(self.backend.generate_encoded([enc], params)[0]):
+                out.append(SequenceOutput(rid, i, comp))
+        return out
+
+    def has_unfinished(self) -> bool:
+        return bool(self._queue)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        encs = [self._encodings.get(tuple(p)) or VLEncoding(list(p), [0] * len(p)) for p in prompts]
+        return self.backend.generate_encoded(encs, params)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state_dict.items():
+                if name not in params or params[name].shape != tensor.shape:
+                    raise ThinkforgeError(f"load_weights: unknown parameter or shape {name!r} {tuple(tensor.shape)}")
+                params[name].copy_(tensor)
+
+    def load_weight_buckets(self, buckets: list[Any], version: int) -> int:
+        return self._receiver.receive(buckets, version)
+
+    def close(self) -> None:
+        self._queue = []
+
+
+class VLSeamlessRollout(SeamlessRollout):
+    def prompt_ids(self, slot: Any) -> list[int]:
+        pid = slot.problem.id
+        if pid not in self._prompt_cache:
+            task = self.tasks[slot.problem.task]
+            messages, images = split_images(task.messages(slot.problem, self.cfg.system_prompt), f"problem {pid}")
+            enc = self.engine.processor.encode_chat(messages, images, where=f"problem {pid}")
+            self._vl_encodings = getattr(self, "_vl_encodings", {})
+            self._vl_encodings[pid] = enc
+            self._prompt_cache[pid] = self.engine.register(enc)
+        return self._prompt_cache[pid]
+
+    def _admit(self, draw: Any, groups: list[Any], by_rid: dict[str, Any]) -> None:
+        super()._admit(draw, groups, by_rid)
+        g = groups[-1]
+        enc = self._vl_encodings[g.slot.problem.id]
+        g.mm = {"pixel_values": enc.pixel_values, "image_grid_thw": enc.image_grid_thw,
+                "mm_token_type_ids": enc.mm_token_type_ids, "suppress_ids": self.engine.processor.vision_token_ids}
