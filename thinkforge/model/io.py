@@ -17,8 +17,9 @@ def resolve_dtype(dtype: str | Any, device: str) -> Any:
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    # float64 is for numerics checks (equivalence tests that must hold whatever the summation order).
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
     if dtype not in table:
         raise ThinkforgeError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(table)}")
     return table[dtype]
