@@ -1,9 +1,11 @@
 """Verifiers: a math grader that cannot hang, an isolated code sandbox, and MiMo's Test-Difficulty-Driven Reward."""
 
 from thinkforge.verify.grader import (
+    AnswerFormat,
     MathGrader,
     choice_equal,
     default_grader,
+    extract_answer,
     extract_boxed,
     extract_choice,
     math_equal,
@@ -24,5 +26,5 @@ from thinkforge.verify.tddr import difficulty_levels, tddr_reward
 __all__ = [
     "STATUSES", "MathGrader", "SandboxInfo", "TestResult", "choice_equal", "default_grader", "difficulty_levels",
     "extract_boxed", "extract_choice", "math_equal", "run_code", "run_code_batch", "sandbox_info", "tddr_reward",
-    "SandboxUnavailable", "require_sandbox", "sandbox_metadata",
+    "SandboxUnavailable", "require_sandbox", "sandbox_metadata", "AnswerFormat", "extract_answer",
 ]
