@@ -141,12 +141,20 @@ def test_killed_reward_worker_is_replaced_and_its_samples_rescored(ray_cluster):
             time.sleep(0.01)
         os.kill(pool.pids[0], signal.SIGKILL)  # mid-batch: it holds about half of the queue
         results = [pool.result(f) for f in futures]
+        assert pool.restarts == 1 and pool.rescored > 0
+        # Restarts are bounded: past cluster.max_restarts the samples of a dead worker fail the run in one line.
+        pool.max_restarts = 1
+        pid = ray_cluster.get(pool.actors[0].pid.remote())  # asked first: actor calls run in order
+        more = [pool.submit(p, r) for p, r in items[:8]]
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ThinkforgeError, match="reward worker 0 died; 1 restarts already used"):
+            for f in more:
+                pool.result(f)
     finally:
         pool.close()
     inline = RewardRouter(route)
     assert [r.reward for r in results] == [inline.score_now(p, r).reward for p, r in items]
     assert all(r.reason in ("correct", "wrong_answer") for r in results)  # none lost, none scored 0 by a fault
-    assert pool.restarts == 1 and pool.rescored > 0
 
 
 def test_killed_rollout_worker_has_its_requests_readmitted(ray_cluster, micro):
