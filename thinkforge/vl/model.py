@@ -128,6 +128,22 @@ def save_vl(model: Any, processor: Any, out_dir: str | Path, extra: dict[str, st
     return out_dir
 
 
+VL_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
+
+
+def is_vl_checkpoint(path: str | Path) -> bool:
+    """True for a local HF directory whose config is a Qwen2-VL / Qwen2.5-VL (MiMo-VL) model."""
+    import json
+
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") in VL_MODEL_TYPES
+    except (OSError, ValueError):
+        return False
+
+
 def load_vl(path: str | Path, device: str = "auto", dtype: str | Any = "auto") -> tuple[Any, Any]:
     """(model, processor) for a local directory or hub id, on `device` in `dtype`, in eval mode."""
     from transformers import AutoModelForImageTextToText

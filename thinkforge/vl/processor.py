@@ -63,6 +63,15 @@ class VLProcessor:
         self.vision_start_id, self.vision_end_id, self.image_token_id, self.video_token_id = ids
         self.merge = int(getattr(image_processor, "merge_size", MERGE))
 
+    # The tokenizer attributes trainers read (pad id, end of turn), so a processor stands in for a tokenizer.
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
     @property
     def vision_token_ids(self) -> list[int]:
         """Ids a sampler must never emit (the model only ever reads them)."""

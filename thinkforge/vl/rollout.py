@@ -95,6 +95,21 @@ class VLRolloutEngine:
         self._queue = []
 
 
+def build_vl_roles(cfg: Any, model: Any, processor: Any, router: Any) -> Any:
+    """The in-process roles of an RL run on a VL policy (`thinkforge.train.rl` on a VL checkpoint): this
+    engine sampling from a copy of the trainer's model, the router as reward pool, in-process weight sync."""
+    import copy
+
+    from thinkforge.cluster.setup import Roles
+    from thinkforge.cluster.weights import InProcessWeightSync
+
+    if cfg.cluster_config().backend != "local" or cfg.speculative:
+        raise ThinkforgeError("rl: VL policies run in-process (cluster backend local, no speculative decoding)")
+    engine = VLRolloutEngine(copy.deepcopy(model).requires_grad_(False).eval(), processor,
+                             max_batch_size=cfg.engine_max_batch)
+    return Roles(engine, router, InProcessWeightSync(engine, int(cfg.cluster_config().bucket_mb * (1 << 20))))
+
+
 class VLSeamlessRollout(SeamlessRollout):
     def prompt_ids(self, slot: Any) -> list[int]:
         pid = slot.problem.id
