@@ -175,7 +175,7 @@ def evaluate_heldout(engine: Any, cfg: RLConfig, out_dir: Path, step: int) -> di
     from thinkforge.eval import evaluate
     from thinkforge.tasks import get_task
 
-    backend = EngineBackend(engine, f"{cfg.out_dir}@step{step}")
+    backend = getattr(engine, "backend", None) or EngineBackend(engine, f"{cfg.out_dir}@step{step}")  # VL: hf-vl
     params = SamplingParams(temperature=0.0, max_tokens=cfg.eval_max_tokens, seed=cfg.seed)
     acc = {}
     for name in cfg.tasks:
@@ -322,10 +322,14 @@ def _step_metrics(groups: list[Group], selected: list[Group]) -> dict[str, float
     out = {"reward": sum(rewards) / max(1, len(rewards)), "pass_rate": sum(correct) / max(1, len(correct)),
            "response_length": sum(lengths) / max(1, len(lengths))}
     by_task: dict[str, list[float]] = {}
+    lengths_by_task: dict[str, list[int]] = {}
     for g in groups:
         by_task.setdefault(g.slot.problem.task, []).extend(g.rewards)
+        lengths_by_task.setdefault(g.slot.problem.task, []).extend(len(s.token_ids) for s in g.samples)
     for task, rs in by_task.items():
         out[f"reward/{task}"] = sum(rs) / len(rs)
+        # MiMo-VL: reasoning tasks lengthen their responses under RL while grounding shortens them
+        out[f"response_length/{task}"] = sum(lengths_by_task[task]) / max(1, len(lengths_by_task[task]))
     errors = sum(1 for g in groups for s in g.samples if s.reward.reason.startswith("reward_"))
     if errors:
         out["reward_errors"] = errors
@@ -369,7 +373,10 @@ def _start(cfg: RLConfig, started_ray: bool) -> tuple[Any, ...]:
                           reward_options=cfg.reward_options)
     for name in cfg.tasks:
         router.route(name)  # unknown reward names fail here, before any compute
-    model, tokenizer = load_model(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
+    from thinkforge.vl.model import is_vl_checkpoint, load_vl
+
+    vl = is_vl_checkpoint(cfg.model)  # MiMo-VL's MORL: the same loop on a VL policy (thinkforge.vl.rollout)
+    model, tokenizer = (load_vl if vl else load_model)(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
     if not cfg.train_mtp:
         from thinkforge.model.mtp import freeze_mtp
 
@@ -385,7 +392,12 @@ def _start(cfg: RLConfig, started_ray: bool) -> tuple[Any, ...]:
     router.restore(cfg.tasks)
     model.train()
     try:
-        roles = build_roles(cfg, model, tokenizer, device, router, started_ray)
+        if vl:
+            from thinkforge.vl.rollout import build_vl_roles
+
+            roles = build_vl_roles(cfg, model, tokenizer, router)
+        else:
+            roles = build_roles(cfg, model, tokenizer, device, router, started_ray)
     except BaseException:
         router.close()
         raise
@@ -402,6 +414,8 @@ def _run(cfg: RLConfig, progress: Any, model: Any, tokenizer: Any, optimizer: to
     engine, rewards = roles.engine, roles.rewards
     cluster = cfg.cluster_config()
     stale = cluster.max_staleness > 0
+    if getattr(engine, "processor", None) is not None:  # a VL engine: prompts carry their images
+        from thinkforge.vl.rollout import VLSeamlessRollout as SeamlessRollout  # noqa: N814
     rollout = SeamlessRollout(engine, rewards, tasks, RolloutConfig(
         group_size=cfg.group_size, max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         continuous=cfg.continuous, async_reward=cfg.async_reward, early_termination=cfg.early_termination,
