@@ -5,6 +5,7 @@ Real uvicorn servers on loopback, the real `openai` client, raw sockets for the 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -20,7 +21,7 @@ import uvicorn
 
 from thinkforge.engine.testing import build_tiny_model, build_tokenizer
 from thinkforge.errors import ThinkforgeError
-from thinkforge.serve.guard import check_bind, uvicorn_config
+from thinkforge.serve.guard import Guard, check_bind, uvicorn_config
 from thinkforge.serve.server import ServeConfig, create_app
 
 NAME = "tiny"
@@ -53,7 +54,8 @@ class Running:
 
     def wait_idle(self, within: float = 5.0) -> float:
         t = time.time()
-        while (self.engine.num_running or self.engine.num_waiting or self.guard.admission.running) \
+        # `_requests` too: a request being admitted (prefill running) is in neither the waiting nor the running list
+        while (self.engine.has_unfinished() or self.engine._requests or self.guard.admission.running) \
                 and time.time() - t < within:
             time.sleep(0.01)
         return time.time() - t
@@ -111,6 +113,8 @@ def test_api_key_wrong_missing_right_and_health_open(server, client):
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert set(r.json()["error"]) == {"message", "type", "param", "code"} and "Missing API key" in r.json()["error"]["message"]
     assert httpx.get(server.url + "/models", headers={"Authorization": KEY}).status_code == 401  # no "Bearer"
+    assert httpx.get(server.url + "/models", headers={"Authorization": f"bearer  {KEY}"}).status_code == 200
+    assert httpx.get(server.base + "/stats").status_code == 401
     assert httpx.get(server.base + "/health").json()["status"] == "ok"
     assert [m.id for m in client.models.list().data] == [NAME]
     r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
@@ -197,6 +201,25 @@ def test_over_the_limit_gets_429_with_retry_after_then_queue_drains(server, clie
     assert server.wait_idle() < 5 and server.guard.admission.running == 0
 
 
+def test_client_leaving_the_queue_frees_its_place(server, client):
+    streams = [client.completions.create(**LONG, stream=True) for _ in range(2)]
+    for s in streams:
+        next(iter(s))
+    gone = server.guard.stats["disconnect"]
+    with pytest.raises(httpx.TimeoutException):  # queued behind the two streams, then gives up
+        httpx.post(server.url + "/completions", json={"model": NAME, "prompt": "x", "max_tokens": 2}, headers=AUTH,
+                   timeout=0.5)
+    deadline = time.time() + 5
+    while server.guard.admission.queued and time.time() < deadline:
+        time.sleep(0.01)
+    assert server.guard.admission.queued == 0 and server.guard.stats["disconnect"] == gone + 1
+    assert server.guard.admission.running == 2
+    for s in streams:
+        s.close()
+    assert server.wait_idle() < 5 and server.guard.admission.running == 0
+    assert client.completions.create(model=NAME, prompt="x", max_tokens=2).usage.completion_tokens >= 1
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_client_disconnect_aborts_generation_in_the_engine(server, stream):
     engine, gen = server.engine, server.app.state.generator
@@ -239,6 +262,30 @@ def test_request_timeout_aborts_and_answers_408(ckpt):
         assert client.completions.create(model=NAME, prompt="x", max_tokens=2).usage.completion_tokens >= 1
     finally:
         run.stop()
+
+
+def test_admission_queue_timeout_leaving_and_handover():
+    async def scenario() -> None:
+        guard = Guard(None, api_key=None, max_concurrent=1, max_queued=1, max_body_bytes=1, body_timeout_s=1,
+                      request_timeout_s=1)
+        adm = guard.admission
+        assert await guard._admit(asyncio.Event(), 1) == "ok" and adm.running == 1
+        assert await guard._admit(asyncio.Event(), 0.05) == "timeout" and adm.queued == 0
+        gone = asyncio.Event()
+        waiting = asyncio.ensure_future(guard._admit(gone, 5))
+        await asyncio.sleep(0.01)
+        assert adm.queued == 1 and await guard._admit(asyncio.Event(), 1) == "full"
+        gone.set()
+        assert await waiting == "gone" and adm.queued == 0 and adm.running == 1
+        # A slot handed to a waiter that is cancelled before it runs is passed on, not lost.
+        first = asyncio.ensure_future(adm.acquire())
+        await asyncio.sleep(0)
+        adm.release()  # hands the slot to `first`...
+        first.cancel()  # ...which is cancelled before it resumes
+        await asyncio.gather(first, return_exceptions=True)
+        assert adm.running == 0 and adm.queued == 0
+
+    asyncio.run(scenario())
 
 
 def test_check_bind_rules():

@@ -105,7 +105,7 @@ class Guard:
                  max_body_bytes: int, body_timeout_s: float, request_timeout_s: float,
                  retry_after_s: int = 1) -> None:
         self.app = app
-        self._expected = f"Bearer {api_key}".encode() if api_key else None
+        self._key = api_key.encode() if api_key else None
         self.admission = Admission(max_concurrent, max_queued)
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
@@ -124,9 +124,11 @@ class Guard:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        if self._expected is not None and path not in OPEN_PATHS:
+        if self._key is not None and path not in OPEN_PATHS:
             given = _header(scope, b"authorization") or b""
-            if not hmac.compare_digest(given, self._expected):
+            scheme, _, token = given.partition(b" ")
+            # compare_digest: the time taken does not depend on how much of the key matched
+            if not (hmac.compare_digest(token.strip(), self._key) and scheme.lower() == b"bearer"):
                 self.stats["401"] += 1
                 msg = ("Incorrect API key provided." if given else
                        "Missing API key: send it as 'Authorization: Bearer KEY' (the openai client's api_key).")
@@ -184,17 +186,16 @@ class Guard:
         gone = asyncio.Event()
         watcher = asyncio.ensure_future(_watch_disconnect(receive, gone))
         try:
-            try:
-                admitted = await asyncio.wait_for(self._acquire_unless(gone), self.request_timeout_s)
-            except asyncio.TimeoutError:
+            outcome = await self._admit(gone, self.request_timeout_s)
+            if outcome == "timeout":
                 self.stats["timeout"] += 1
                 await send_error(send, 408, f"request timed out after {self.request_timeout_s:g} s waiting for "
                                  "a slot", type_="timeout_error", code="timeout")
                 return
-            if admitted is None:  # the client left while queued
+            if outcome == "gone":  # the client left while queued
                 self.stats["disconnect"] += 1
                 return
-            if not admitted:
+            if outcome == "full":
                 self.stats["429"] += 1
                 await send_error(send, 429, f"server is at capacity ({self.admission.max_running} running, "
                                  f"{self.admission.max_queued} queued); retry later", type_="rate_limit_error",
@@ -207,18 +208,25 @@ class Guard:
         finally:
             watcher.cancel()
 
-    async def _acquire_unless(self, gone: asyncio.Event) -> bool | None:
+    async def _admit(self, gone: asyncio.Event, timeout: float) -> str:
+        """"ok" (holding a slot), "full", "gone" (client left while queued) or "timeout"."""
         acquire = asyncio.ensure_future(self.admission.acquire())
         left = asyncio.ensure_future(gone.wait())
         try:
-            await asyncio.wait({acquire, left}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({acquire, left}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             left.cancel()
-        if acquire.done():
-            return acquire.result()
-        acquire.cancel()  # Admission.acquire gives back a slot handed over in the meantime
+            if not acquire.done():
+                acquire.cancel()  # Admission.acquire passes on a slot handed over in the meantime
+        if acquire.done() and not acquire.cancelled():
+            if not acquire.result():
+                return "full"
+            if not gone.is_set():
+                return "ok"
+            self.admission.release()
+            return "gone"
         await asyncio.gather(acquire, return_exceptions=True)
-        return None
+        return "gone" if gone.is_set() else "timeout"
 
     async def _run_app(self, scope: dict[str, Any], body: bytes, send: Any, gone: asyncio.Event,
                        watcher: asyncio.Future, timeout: float) -> None:

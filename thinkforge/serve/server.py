@@ -170,6 +170,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             raise P.RequestError(f"{field} is {max_tokens}; this server allows at most {max_tokens_limit}"
                                  + (" (--max-tokens-limit)" if cfg.max_tokens_limit else " (the model's context)"),
                                  param=field)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
@@ -201,6 +202,15 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": name, "backend": cfg.backend}
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        """Load and rejections (needs the API key like every path but /health)."""
+        engine = getattr(gen, "engine", None)
+        return {"running_sequences": engine.num_running if engine else None,
+                "waiting_sequences": engine.num_waiting if engine else None,
+                "admitted_requests": guard.admission.running, "queued_requests": guard.admission.queued,
+                "aborted_generations": gen.aborted, "rejected": dict(guard.stats)}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
