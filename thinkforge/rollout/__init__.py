@@ -1,5 +1,5 @@
 """The Seamless Rollout Engine: continuous rollout, asynchronous reward and FIFO early termination over the
-native engine, plus the RL data side (prompt stream, Easy-Data Pool, pass-rate statistics)."""
+rollout engine(s), plus the RL data side (prompt stream, Easy-Data Pool, pass-rate statistics)."""
 
 from thinkforge.rollout.data import ProblemSampler, Slot, StepDraw
 from thinkforge.rollout.engine import Group, RolloutConfig, RolloutResult, Sample, SeamlessRollout

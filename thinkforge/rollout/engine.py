@@ -1,4 +1,5 @@
-"""The Seamless Rollout Engine (MiMo-7B report, section 4) on thinkforge's native continuous-batching engine.
+"""The Seamless Rollout Engine (MiMo-7B report, section 4) over any `RolloutEngine` (`thinkforge.cluster`):
+thinkforge's native continuous-batching engine, N of them on Ray actors stepped together, or vLLM.
 
 One `collect` call gathers the groups one RL step trains on with dynamic sampling (a group whose rewards
 are all equal -- pass rate 0 or 1 -- carries no GRPO signal and is dropped; sampling goes on until
