@@ -29,6 +29,18 @@ def test_smoke_speedrun_end_to_end(tmp_path):
     md = (out / "report.md").read_text()
     assert "| pretrain |" in md and "| sft |" in md and "| rl |" in md and "Estimated cost" in md
     assert "draft 1 accepted" in md
+    # The report card: a Wilson interval per stage and task, McNemar between consecutive stages.
+    for name in ("pretrain", "sft", "rl"):
+        for task in ("arith", "code"):
+            ci = report["intervals"][name][task]
+            assert ci["n"] == 20 and ci["low"] <= ci["estimate"] <= ci["high"]
+            assert ci["estimate"] == pytest.approx(report["stages"][name]["accuracy"][task], abs=1e-6)
+    pairs = {(m["a"], m["b"], m["task"]): m for m in report["paired"]}
+    assert set(pairs) == {(a, b, t) for a, b in (("pretrain", "sft"), ("sft", "rl")) for t in ("arith", "code")}
+    sft_rl = pairs[("sft", "rl", "arith")]
+    assert sft_rl["difference"] == pytest.approx(report["stages"]["rl"]["accuracy"]["arith"]
+                                                 - report["stages"]["sft"]["accuracy"]["arith"], abs=1e-6)
+    assert 0.0 < sft_rl["p_value"] <= 1.0 and "McNemar p =" in md and "95% Wilson" in md
     assert (out / "loss.png").stat().st_size > 1000 and (out / "accuracy.png").stat().st_size > 1000
     # RL keeps the MTP layers frozen (MiMo); SFT trained them.
     from safetensors.torch import load_file

@@ -191,10 +191,36 @@ def run_speedrun(cfg: SpeedrunConfig, progress: Any = None) -> dict[str, Any]:
         stage["eval_wall_s"], stage["eval_cpu_s"] = time.time() - t0, cpu_seconds() - c0
 
     report = build_report(cfg, stages, time.time() - t_start, steal_seconds() - steal_start)
+    report.update(stage_statistics(out / "eval", list(stages), spec.tasks))
     atomic_write_json(out / "report.json", report)
     write_plots(out, stages)
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
+
+
+def _greedy_correct(path: Path) -> dict[str, bool]:
+    """problem id -> correct, from a stage's greedy held-out samples (one per problem)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {str(r["problem_id"]): bool(r["correct"]) for r in rows}
+
+
+def stage_statistics(eval_dir: Path, stage_names: list[str], tasks: list[str]) -> dict[str, Any]:
+    """95% Wilson intervals of each stage's greedy held-out accuracy, and McNemar's paired test between
+    consecutive stages (same problems, so only the problems one got right and the other wrong count)."""
+    from thinkforge.eval.stats import mcnemar, wilson_interval
+
+    intervals: dict[str, dict[str, Any]] = {}
+    paired: list[dict[str, Any]] = []
+    correct = {(n, t): _greedy_correct(eval_dir / n / t / "samples.jsonl") for n in stage_names for t in tasks}
+    for name in stage_names:
+        intervals[name] = {t: wilson_interval(sum(c.values()), len(c)).to_dict()
+                           for t in tasks if (c := correct[(name, t)])}
+    for before, after in zip(stage_names, stage_names[1:], strict=False):
+        for t in tasks:
+            if correct[(before, t)] and correct[(after, t)]:
+                paired.append({"a": before, "b": after, "task": t,
+                               **mcnemar(correct[(before, t)], correct[(after, t)]).to_dict()})
+    return {"intervals": intervals, "paired": paired}
 
 
 def build_report(cfg: SpeedrunConfig, stages: dict[str, Any], wall_s: float, steal_s: float = 0.0) -> dict[str, Any]:
@@ -240,6 +266,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         accs = " | ".join(f"{100 * s['accuracy'].get(t, float('nan')):.1f}%" for t in tasks)
         lines.append(f"| {name} | {accs} | {s['train_wall_s']} | {s['train_cpu_s']} | {s['eval_wall_s']} | "
                      f"{s['tokens']:,} |")
+    if report.get("intervals"):
+        lines += ["", "Greedy held-out accuracy with 95% Wilson intervals, and McNemar's paired test between "
+                  "consecutive stages on the same problems (exact binomial below 200 discordant problems).", "",
+                  "| stage | " + " | ".join(f"{t} [95% CI] (problems)" for t in tasks) + " |",
+                  "|---|" + "---|" * len(tasks)]
+        for name, per_task in report["intervals"].items():
+            cells = [f"{100 * c['estimate']:.1f}% [{100 * c['low']:.1f}, {100 * c['high']:.1f}] ({c['n']})"
+                     if (c := per_task.get(t)) else "–" for t in tasks]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for m in report.get("paired", []):
+            lines.append(f"- {m['task']}, {m['a']} -> {m['b']}: {100 * m['difference']:+.1f} points "
+                         f"({m['b_only']} problems right only after, {m['a_only']} only before, of {m['n']}), "
+                         f"McNemar p = {m['p_value']:.3g} ({m['method']})")
     mtp_rows = [(name, s["mtp"]) for name, s in report["stages"].items() if s.get("mtp")]
     if mtp_rows:
         k = max(len(m["acceptance"]) for _, m in mtp_rows)
