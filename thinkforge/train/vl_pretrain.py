@@ -169,7 +169,8 @@ def build_model(cfg: VLPretrainConfig, device: str, dtype: Any) -> tuple[Any, An
         return load_vl(cfg.model, device=device, dtype=dtype)
     if cfg.preset not in VL_PRESETS:
         raise ThinkforgeError(f"vl_pretrain: unknown preset {cfg.preset!r}; known: {', '.join(VL_PRESETS)}")
-    texts = [text for st in cfg.stages for text in _tokenizer_texts(st["tasks"], cfg.seed)]
+    tasks = sorted({name for st in cfg.stages for name in st["tasks"]})
+    texts = _tokenizer_texts(tasks, cfg.seed)
     model, processor = build_tiny_vl(texts, cfg.preset, seed=cfg.seed, vocab_size=cfg.tokenizer_vocab)
     return model.to(device=device, dtype=dtype), processor
 
@@ -177,7 +178,7 @@ def build_model(cfg: VLPretrainConfig, device: str, dtype: Any) -> tuple[Any, An
 def _tokenizer_texts(tasks: list[str], seed: int) -> list[str]:
     from thinkforge.tasks import get_task
 
-    return [f"{p.prompt}\n{p.solution}" for name in tasks for p in get_task(name).problems("train", n=100, seed=seed)]
+    return [f"{p.prompt}\n{p.solution}" for name in tasks for p in get_task(name).problems("train", n=60, seed=seed)]
 
 
 def train_stage(cfg: VLPretrainConfig, stage: dict[str, Any], model: Any, processor: Any, out_dir: Path,
