@@ -1,0 +1,30 @@
+"""`thinkforge speedrun --preset vl-smoke` (thinkforge.train.vl_speedrun), shrunk further for the test suite."""
+
+from __future__ import annotations
+
+import json
+
+from thinkforge.train.vl_speedrun import load_vl_speedrun_config, run_vl_speedrun
+from thinkforge.utils import read_jsonl
+
+
+def test_vl_smoke_runs_every_stage_and_writes_the_report(tmp_path):
+    cfg = load_vl_speedrun_config("vl-smoke", {"out_dir": str(tmp_path / "run"), "device": "cpu", "eval_problems": 2,
+                                               "eval_tasks": ["vl_count", "vl_ground"], "rl.steps": 1,
+                                               "rl.tasks": ["vl_count", "vl_ground"],
+                                               "pretrain.problems_per_task": 6, "rl.problems_per_task": 4,
+                                               "eval_max_tokens": 8, "rl.max_tokens": 8, "rl.eval_max_tokens": 8,
+                                               "rl.eval_problems": 1, "rl.max_slots_factor": 1.0})
+    assert cfg.pretrain["preset"] == "micro" and cfg.rl["steps"] == 1
+    report = run_vl_speedrun(cfg)
+    assert list(report["stages"]) == ["stage1_projector", "stage2_vit_projector", "stage3_all", "stage4_long_sft",
+                                      "morl"]
+    for stage in report["stages"].values():
+        assert set(stage["accuracy"]) == {"vl_count", "vl_ground"}
+        assert all(0.0 <= a <= 1.0 for a in stage["accuracy"].values())
+    assert report["model"]["projector"] < report["model"]["vit"] < report["model"]["llm"]
+    on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert on_disk["stages"].keys() == report["stages"].keys()
+    assert "| morl |" in (tmp_path / "run" / "report.md").read_text()
+    rows = read_jsonl(tmp_path / "run" / "morl" / "metrics.jsonl")
+    assert any("reward/vl_count" in r for r in rows)
