@@ -90,6 +90,16 @@ def speedrun_cmd(
 
     overrides = _cli_overrides(set_, seed=seed, device=device)
     overrides.setdefault("out_dir", out or f"runs/speedrun-{preset}")
+    if preset.startswith("vl-"):  # MiMo-VL's recipe (thinkforge.train.vl_speedrun); the text presets are unchanged
+        from thinkforge.train.vl_speedrun import load_vl_speedrun_config, run_vl_speedrun
+
+        vl_cfg = load_vl_speedrun_config(preset, overrides)
+        with progress_bar() as bar:
+            vl_report = run_vl_speedrun(vl_cfg, bar)
+        for stage, row in vl_report["stages"].items():
+            typer.echo(f"{stage:>20}: " + ", ".join(f"{t} {100 * a:.1f}%" for t, a in row["accuracy"].items()))
+        typer.echo(f"report: {vl_cfg.out_dir}/report.md ({vl_report['total_wall_s']} s)")
+        return
     cfg = load_speedrun_config(preset, overrides)
     with progress_bar() as bar:
         report = run_speedrun(cfg, bar)
