@@ -275,6 +275,25 @@ def test_native_and_hf_backends_agree_on_chat(tmp_path):
     assert len(sampled) == 1 and len(sampled[0]) == 4
 
 
+def test_hf_backend_samples_the_full_distribution_when_top_k_is_off(tmp_path):
+    """top_k=0 means no top-k filter: the sampled tokens' log-probs are the model's own (teacher-forced), not
+    renormalised over generate's default top 50."""
+    from transformers import AutoModelForCausalLM
+
+    path = str(save_tiny_checkpoint(tmp_path / "ckpt"))
+    hf = get_backend("hf", path, device="cpu", dtype="float32")
+    params = SamplingParams(temperature=1.0, top_k=0, n=4, max_tokens=6, seed=0, logprobs=True, stop_token_ids=[])
+    prompt = hf.tokenizer.encode("What is")
+    outs = hf.generate(["What is"], params)[0]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for out in outs:
+        ids = torch.tensor([prompt + out.token_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        ref = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(out.token_ids)]
+        assert out.logprobs == pytest.approx(ref, abs=1e-4)
+
+
 def test_engine_loop_serves_threads_with_callbacks_abort_and_async(model, tok):
     import asyncio
     from concurrent.futures import ThreadPoolExecutor

@@ -123,7 +123,8 @@ class HFBackend(_LocalBackend):
         gen = GenerationConfig(
             max_new_tokens=min(params.max_tokens, self.context - P), do_sample=sample,
             temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
-            top_k=params.top_k if sample and params.top_k > 0 else None, num_return_sequences=params.n,
+            # top_k=0 is "off"; None would let generate fill in its default of 50 (a different policy).
+            top_k=params.top_k if sample else None, num_return_sequences=params.n,
             eos_token_id=sorted(stop_ids) or None, pad_token_id=pad, return_dict_in_generate=True,
             output_scores=params.logprobs, stop_strings=params.stop or None,
         )
