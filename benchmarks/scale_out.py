@@ -37,7 +37,7 @@ def run_layout(args: argparse.Namespace, cluster: dict, out: Path) -> dict:
                  "device": "cpu", "seed": args.seed, "eval_problems": args.eval_problems, "save_every": 1000,
                  "cluster": {**cluster, **({"num_cpus": args.ray_cpus} if cluster else {})}}
     if args.micro:  # a random micro model solves no arith problem: a reward it can earn (tests' digit reward)
-        overrides.update(rewards={"arith": "test_has_digit"}, max_tokens=12, group_size=4)
+        overrides.update(rewards={"arith": "test_has_digit"}, max_tokens=24, group_size=4, overlong="none")
         overrides["cluster"]["worker_imports"] = ["tests.test_rl_support"] if cluster else []
     if args.batch_groups:
         overrides["batch_groups"] = args.batch_groups
@@ -95,8 +95,10 @@ def main() -> None:
         print(f"{name:>28}: {rows[name]['steps_per_s']:.3f} steps/s", flush=True)
     base = rows["single process"]
     same = all(r["selected"] == base["selected"] for r in rows.values())
-    loss_gap = max(abs(a - b) / max(abs(a), 1e-9) for r in rows.values()
-                   for a, b in zip(base["loss"], r["loss"], strict=True) if a is not None and b is not None)
+    # Relative to the run's largest loss: a step whose loss is ~0 (ratio 1, mean-zero advantages) has no scale.
+    scale = max((abs(a) for a in base["loss"] if a is not None), default=0.0) or 1.0
+    loss_gap = max((abs(a - b) / scale for r in rows.values()
+                    for a, b in zip(base["loss"], r["loss"], strict=True) if a is not None and b is not None), default=0.0)
     print(f"\n{'layout':>28} | steps/s | vs single | rollout s | train s | idle ratio | gen idle on reward | "
           "weight sync s/step | ray overhead s/step")
     for name, r in rows.items():
