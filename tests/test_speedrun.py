@@ -59,3 +59,23 @@ def test_smoke_speedrun_end_to_end(tmp_path):
     again = json.loads((out / "report.json").read_text())
     assert {k: v["accuracy"] for k, v in again["stages"].items()} == {k: v["accuracy"] for k, v in report["stages"].items()}
     assert again["stages"]["pretrain"]["train_wall_s"] == report["stages"]["pretrain"]["train_wall_s"]
+
+
+def test_fewtrace_preset_builds_every_stage():
+    """The few-traces preset (issue 14's data budget): every section is a valid stage config, SFT sees 100 traces
+    and RL a large answer-only pool, evaluated on 1000 held-out problems."""
+    from thinkforge.speedrun import EvalSpec, load_speedrun_config
+    from thinkforge.train.pretrain import PretrainConfig
+    from thinkforge.train.rl import RLConfig
+    from thinkforge.train.sft import SFTConfig
+    from thinkforge.utils import build_config
+
+    cfg = load_speedrun_config("fewtrace", {"rl.steps": 3})
+    build_config(PretrainConfig, cfg.pretrain, "pretrain")
+    sft = build_config(SFTConfig, cfg.sft, "sft")
+    rl = build_config(RLConfig, {**cfg.rl, "model": "m"}, "rl")
+    rl.check()
+    spec = build_config(EvalSpec, cfg.eval, "eval")
+    assert (sft.tasks, sft.examples_per_task) == (["arith"], 100)
+    assert rl.tasks == ["arith"] and rl.problems_per_task >= 100 * rl.batch_groups and rl.steps == 3
+    assert spec.problems_per_task >= 1000
