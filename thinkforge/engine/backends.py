@@ -70,6 +70,30 @@ class NativeBackend(_LocalBackend):
         return self.engine.generate(self._encode_chat(conversations), params)
 
 
+def hf_generation_config(model: Any, tok: Any, params: SamplingParams, prompt_len: int, context: int,
+                         **extra: Any) -> tuple[Any, set[int], int]:
+    """HF `generate`'s config for `params` (shared by the text and VL HF backends), the stop token ids
+    (the model's and tokenizer's eos plus `stop_token_ids`) and the pad id."""
+    from transformers import GenerationConfig
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    eos = model.generation_config.eos_token_id
+    eos = list(eos) if isinstance(eos, list | tuple) else [eos] if eos is not None else []
+    if tok.eos_token_id is not None and tok.eos_token_id not in eos:
+        eos.append(tok.eos_token_id)
+    stop_ids = set(eos) | set(params.stop_token_ids)
+    sample = params.temperature > 0
+    gen = GenerationConfig(
+        max_new_tokens=min(params.max_tokens, context - prompt_len), do_sample=sample,
+        temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
+        # top_k=0 is "off"; None would let generate fill in its default of 50 (a different policy).
+        top_k=params.top_k if sample else None, num_return_sequences=params.n,
+        eos_token_id=sorted(stop_ids) or None, pad_token_id=pad, return_dict_in_generate=True,
+        output_scores=params.logprobs, stop_strings=params.stop or None, **extra,
+    )
+    return gen, stop_ids, pad
+
+
 @register_backend("hf")
 class HFBackend(_LocalBackend):
     """Plain `model.generate` with left padding, in chunks of `batch_size` prompts: the reference.
@@ -107,27 +131,12 @@ class HFBackend(_LocalBackend):
 
     def _chunk(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         import torch
-        from transformers import GenerationConfig
 
         tok = self.tokenizer
         P = max(len(p) for p in prompts)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        gen, stop_ids, pad = hf_generation_config(self.model, tok, params, P, self.context)
         ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts], device=self.model.device)
         attn = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
-        eos = self.model.generation_config.eos_token_id
-        eos = list(eos) if isinstance(eos, list | tuple) else [eos] if eos is not None else []
-        if tok.eos_token_id is not None and tok.eos_token_id not in eos:
-            eos.append(tok.eos_token_id)
-        stop_ids = set(eos) | set(params.stop_token_ids)
-        sample = params.temperature > 0
-        gen = GenerationConfig(
-            max_new_tokens=min(params.max_tokens, self.context - P), do_sample=sample,
-            temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
-            # top_k=0 is "off"; None would let generate fill in its default of 50 (a different policy).
-            top_k=params.top_k if sample else None, num_return_sequences=params.n,
-            eos_token_id=sorted(stop_ids) or None, pad_token_id=pad, return_dict_in_generate=True,
-            output_scores=params.logprobs, stop_strings=params.stop or None,
-        )
         if params.seed is not None:
             torch.manual_seed(params.seed)
         with torch.inference_mode():

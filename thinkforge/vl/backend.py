@@ -101,29 +101,16 @@ class HFVLBackend(Backend):
 
     def _chunk(self, encs: list[Any], params: SamplingParams) -> list[list[Completion]]:
         import torch
-        from transformers import GenerationConfig
+
+        from thinkforge.engine.backends import hf_generation_config
 
         tok = self.tokenizer
         batch = self.processor.collate(encs, padding_side="left", device=self.model.device)
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
         P = batch["input_ids"].shape[1]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        eos = self.model.generation_config.eos_token_id
-        eos = list(eos) if isinstance(eos, list | tuple) else [eos] if eos is not None else []
-        if tok.eos_token_id is not None and tok.eos_token_id not in eos:
-            eos.append(tok.eos_token_id)
-        stop_ids = set(eos) | set(params.stop_token_ids)
-        sample = params.temperature > 0
-        gen = GenerationConfig(
-            max_new_tokens=min(params.max_tokens, self.context - P), do_sample=sample,
-            temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
-            # top_k 0, not None: None falls back to generate's default of 50, which changes the policy
-            top_k=params.top_k if sample else None, num_return_sequences=params.n,
-            eos_token_id=sorted(stop_ids) or None, pad_token_id=pad, return_dict_in_generate=True,
-            output_scores=params.logprobs, suppress_tokens=self.processor.vision_token_ids,
-            stop_strings=params.stop or None,
-        )
+        gen, stop_ids, _ = hf_generation_config(self.model, tok, params, P, self.context,
+                                                suppress_tokens=self.processor.vision_token_ids)
         if params.seed is not None:
             torch.manual_seed(params.seed)
         with torch.inference_mode():
