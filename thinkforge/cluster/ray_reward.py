@@ -19,12 +19,11 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
 from thinkforge.errors import ThinkforgeError
-from thinkforge.rewards.base import RewardResult
+from thinkforge.rewards.base import RewardResult, TimedResults
 from thinkforge.tasks.base import Problem
 
 
@@ -61,7 +60,7 @@ class _Job:
     worker: int = -1
 
 
-class RayRewardPool:
+class RayRewardPool(TimedResults):
     def __init__(self, routes: dict[str, Any], reward_options: dict[str, Any], tasks: list[str], *,
                  workers: int, timeout_s: float, imports: list[str], cpus: float = 1.0,
                  max_restarts: int = 3) -> None:
@@ -99,21 +98,6 @@ class RayRewardPool:
         w = min(range(len(self.actors)), key=lambda i: (len(self._inflight[i]), i))
         job.worker = w
         self._inflight[w][self.actors[w].score.remote(job.problem, job.response)] = job
-
-    def result(self, fut: Future, timeout_s: float | None = None) -> RewardResult:
-        limit = self.timeout_s if timeout_s is None else timeout_s
-        remaining = max(0.0, fut.t_submit + limit - time.monotonic())  # type: ignore[attr-defined]
-        try:
-            return fut.result(timeout=remaining)
-        except FutureTimeout:
-            self._abandon(fut)
-            return RewardResult(0.0, False, f"reward_timeout: exceeded {limit:g}s")
-
-    def expired(self, fut: Future) -> bool:
-        return time.monotonic() > fut.t_submit + self.timeout_s  # type: ignore[attr-defined]
-
-    def score(self, problem: Problem, response: str) -> RewardResult:
-        return self.result(self.submit(problem, response))
 
     def refresh(self, state: dict[str, Any]) -> None:
         self._state = state

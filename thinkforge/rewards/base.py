@@ -137,7 +137,37 @@ class DaemonPool:
                 fut.set_exception(err)
 
 
-class RewardRouter:
+class TimedResults:
+    """Collecting scores from futures stamped with `t_submit` by `submit`: shared by the in-process router
+    and the Ray reward pool. Subclasses provide `timeout_s`, `submit` and `_abandon`."""
+
+    timeout_s: float
+
+    def submit(self, problem: Problem, response: str) -> Future:
+        raise NotImplementedError
+
+    def _abandon(self, fut: Future) -> None:
+        raise NotImplementedError
+
+    def result(self, fut: Future, timeout_s: float | None = None) -> RewardResult:
+        """The future's result, or reward 0 ("reward_timeout") once `timeout_s` (default the pool's)
+        has passed since submission."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        remaining = max(0.0, fut.t_submit + limit - time.monotonic())  # type: ignore[attr-defined]
+        try:
+            return fut.result(timeout=remaining)
+        except FutureTimeout:
+            self._abandon(fut)
+            return RewardResult(0.0, False, f"reward_timeout: exceeded {limit:g}s")
+
+    def expired(self, fut: Future) -> bool:
+        return time.monotonic() > fut.t_submit + self.timeout_s  # type: ignore[attr-defined]
+
+    def score(self, problem: Problem, response: str) -> RewardResult:
+        return self.result(self.submit(problem, response))
+
+
+class RewardRouter(TimedResults):
     """Scores samples with the reward of their task, in a thread pool (`submit`) or inline (`score`).
 
     `routes` maps a task name to a route (see `_parse_route`); tasks without one use their kind's
@@ -226,23 +256,6 @@ class RewardRouter:
         fut.t_submit = time.monotonic()  # type: ignore[attr-defined]
         fut.problem_id = problem.id  # type: ignore[attr-defined]
         return fut
-
-    def result(self, fut: Future, timeout_s: float | None = None) -> RewardResult:
-        """The future's result, or reward 0 ("reward_timeout") once `timeout_s` (default the router's)
-        has passed since submission."""
-        limit = self.timeout_s if timeout_s is None else timeout_s
-        remaining = max(0.0, fut.t_submit + limit - time.monotonic())  # type: ignore[attr-defined]
-        try:
-            return fut.result(timeout=remaining)
-        except FutureTimeout:
-            self._abandon(fut)
-            return RewardResult(0.0, False, f"reward_timeout: exceeded {limit:g}s")
-
-    def expired(self, fut: Future) -> bool:
-        return time.monotonic() > fut.t_submit + self.timeout_s  # type: ignore[attr-defined]
-
-    def score(self, problem: Problem, response: str) -> RewardResult:
-        return self.result(self.submit(problem, response))
 
     def _abandon(self, fut: Future) -> None:
         self._note(f"{fut.problem_id}: reward_timeout after {self.timeout_s:g}s")  # type: ignore[attr-defined]
