@@ -18,7 +18,7 @@ row-round = accepted drafts + 1), verify forwards, and whether every greedy outp
 to plain greedy decoding at that batch size (it must be: the main model verifies every token).
 
 MTP layers: k needs k trained MTP layers. If the checkpoint has fewer than max(--ks), MiMo's extension
-recipe (`thinkforge.model.mtp.mtp_extend`: copy layer 0 into 1..k-1, train those with everything else
+recipe (`thinkforge.train.mtp_extend`: copy layer 0 into 1..k-1, train those with everything else
 frozen) runs first for `--extend-steps` steps into `--extend-out` (a temp dir by default; an existing
 `--extend-out/model` with enough layers is reused); the output says so. With `--extend-steps 0` the
 larger k are skipped instead.
@@ -65,7 +65,8 @@ def ensure_mtp_layers(model_dir: str, need: int, steps: int, out: str | None, ar
     """(checkpoint to benchmark, its MTP layers, extension summary or None). Extends with MiMo's recipe
     when the checkpoint has fewer than `need` layers and `steps` > 0."""
     from thinkforge.errors import ThinkforgeError
-    from thinkforge.model.mtp import MTPExtendConfig, checkpoint_mtp_layers, mtp_extend
+    from thinkforge.model.mtp import checkpoint_mtp_layers
+    from thinkforge.train.mtp_extend import MTPExtendConfig, mtp_extend
 
     have = checkpoint_mtp_layers(model_dir)
     if have == 0:

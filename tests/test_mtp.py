@@ -275,3 +275,38 @@ def test_mtp_extend_cli(tok, tmp_path):
     assert M.num_mtp_layers(model) == 3
     res = subprocess.run(run[:-10] + ["--layers", "1"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: --layers must be >= 2")
+
+
+def test_model_modules_import_no_trainer():
+    """Model definitions import no trainer (training code lives in thinkforge/train/), and the speculator
+    never imports the engine that drives it: each module in a fresh interpreter, sys.modules checked."""
+    import pkgutil
+
+    import thinkforge.model
+
+    mods = [f"thinkforge.model.{m.name}" for m in pkgutil.iter_modules(thinkforge.model.__path__)]
+    assert "thinkforge.model.mtp" in mods and "thinkforge.model.io" in mods
+    checks = {m: "thinkforge.train" for m in mods}
+    checks["thinkforge.engine.speculative"] = "thinkforge.engine.native"
+    code = ("import importlib, json, sys; importlib.import_module(sys.argv[1]); "
+            "print(json.dumps(sorted(m for m in sys.modules if m == sys.argv[2] or m.startswith(sys.argv[2] + '.'))))")
+    for mod, banned in checks.items():
+        res = subprocess.run([sys.executable, "-c", code, mod, banned], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout.strip().splitlines()[-1]) == [], f"{mod} imported {res.stdout.strip()}"
+    # A function-level import would pass the check above and still tie the layers: scan every import statement.
+    import ast
+
+    import thinkforge.engine.speculative as spec
+
+    sources = [Path(thinkforge.model.__path__[0]) / f"{m.split('.')[-1]}.py" for m in mods]
+    for src, banned in [*((s, "thinkforge.train") for s in sources), (Path(spec.__file__), "thinkforge.engine.native")]:
+        for node in ast.walk(ast.parse(src.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            hit = [n for n in names if n == banned or n.startswith(banned + ".")]
+            assert not hit, f"{src.name}:{node.lineno} imports {hit[0]}"
+    # The recipe still exists where the CLI looks for it.
+    from thinkforge.train.mtp_extend import MTPExtendConfig, mtp_extend
+
+    assert MTPExtendConfig().layers == 3 and callable(mtp_extend)

@@ -16,8 +16,9 @@ import uvicorn
 from scipy.stats import chisquare
 
 from thinkforge.engine.base import SamplingParams, get_backend
+from thinkforge.engine.mtp_acceptance import mtp_acceptance
 from thinkforge.engine.native import LLMEngine
-from thinkforge.engine.speculative import filtered_probs, mtp_acceptance
+from thinkforge.engine.speculative import filtered_probs
 from thinkforge.engine.testing import build_tiny_model, build_tokenizer
 from thinkforge.errors import ThinkforgeError
 from thinkforge.model.io import save_model

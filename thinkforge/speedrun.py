@@ -140,7 +140,7 @@ def measure_mtp(model_dir: str, spec: EvalSpec, device: str) -> dict[str, Any] |
     """Per-draft-position acceptance of the checkpoint's MTP layers under greedy self-speculative
     decoding of held-out chat prompts (None when the model has no MTP layers)."""
     from thinkforge.engine.backends import apply_chat_template
-    from thinkforge.engine.speculative import mtp_acceptance
+    from thinkforge.engine.mtp_acceptance import mtp_acceptance
     from thinkforge.model.io import load_tokenizer
     from thinkforge.model.mtp import checkpoint_mtp_layers
     from thinkforge.tasks import get_task

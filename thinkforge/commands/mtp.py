@@ -19,7 +19,7 @@ def mtp_extend_cmd(
 ) -> None:
     """Copy MTP layer 0 into layers 1..K-1 and fine-tune them with the main model and layer 0 frozen."""
     from thinkforge.commands.train import progress_bar
-    from thinkforge.model.mtp import MTPExtendConfig, mtp_extend
+    from thinkforge.train.mtp_extend import MTPExtendConfig, mtp_extend
     from thinkforge.utils import build_config, parse_overrides
 
     cfg = build_config(MTPExtendConfig, {"model": model, "out_dir": out, "layers": layers, "steps": steps,
