@@ -29,6 +29,10 @@ class ClusterConfig:
     # Bounded staleness (AReaL): groups left in flight at the end of a step continue under the next weights
     # for up to `max_staleness` versions instead of being aborted. 0 = on-policy (MiMo's default).
     max_staleness: int = 0
+    # The trainer: N torch.distributed ranks with the policy sharded by FSDP2 (gloo on CPU, NCCL on CUDA);
+    # rank 0 also runs the controller. 1 = one process. See thinkforge.cluster.trainer.
+    trainer_procs: int = 1
+    trainer_timeout_s: float = 1800.0  # a collective that waits longer than this (a hung rank) fails
 
     def check(self) -> None:
         if self.backend not in BACKENDS:
@@ -36,12 +40,14 @@ class ClusterConfig:
         if self.rollout_engine not in ENGINES:
             raise ThinkforgeError(f"cluster.rollout_engine must be one of {', '.join(ENGINES)}, "
                                   f"got {self.rollout_engine!r}")
-        for name in ("rollout_workers", "reward_workers"):
+        for name in ("rollout_workers", "reward_workers", "trainer_procs"):
             if getattr(self, name) < 1:
                 raise ThinkforgeError(f"cluster.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_restarts", "max_staleness"):
             if getattr(self, name) < 0:
                 raise ThinkforgeError(f"cluster.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.trainer_timeout_s > 0:
+            raise ThinkforgeError(f"cluster.trainer_timeout_s must be > 0, got {self.trainer_timeout_s}")
         if not self.bucket_mb > 0:
             raise ThinkforgeError(f"cluster.bucket_mb must be > 0, got {self.bucket_mb}")
         if self.backend == "local" and (self.rollout_workers > 1 or self.address):

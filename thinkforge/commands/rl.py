@@ -19,7 +19,8 @@ def rl_cmd(
 ) -> None:
     """GRPO with dynamic sampling, clip-higher, token-level loss, easy-data pool and test-difficulty rewards.
     `--set cluster.backend=ray --set cluster.rollout_workers=2 --set cluster.reward_workers=2` runs the
-    same loop with rollout engines and reward scorers on Ray actors (a local cluster, or cluster.address)."""
+    same loop with rollout engines and reward scorers on Ray actors (a local cluster, or cluster.address);
+    `--set cluster.trainer_procs=N` trains with FSDP2 over N ranks (this process is rank 0)."""
     from thinkforge.commands.train import progress_bar
     from thinkforge.train.rl import RLConfig, rl
     from thinkforge.utils import load_config, parse_overrides
@@ -34,6 +35,8 @@ def rl_cmd(
         cfg.cluster = {**cfg.cluster, **cluster}
     with progress_bar() as bar:
         summary = rl(cfg, bar)
+    if summary.get("rank"):  # torchrun: a trainer-only rank (rank 0 reports the run)
+        return
     accs = ", ".join(f"{t} {100 * a:.1f}%" for t, a in summary["accuracy"].items())
     if summary.get("stopped"):
         typer.echo(f"warning: {summary['stopped']}", err=True)

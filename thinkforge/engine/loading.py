@@ -7,7 +7,7 @@ from typing import Any
 
 from thinkforge.errors import ThinkforgeError
 
-DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "float64")
 
 
 def resolve_device(device: str | None) -> str:
@@ -31,7 +31,8 @@ def resolve_dtype(dtype: Any, device: str) -> Any:
             return torch.bfloat16
         return torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float64": torch.float64}  # float64: numerics tests that compare different computations
     if dtype not in table:
         raise ThinkforgeError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return table[dtype]

@@ -40,10 +40,6 @@ from thinkforge.rollout.engine import Group
 from thinkforge.train.common import (
     MetricLog,
     cosine_lr,
-    finalize,
-    load_checkpoint,
-    make_optimizer,
-    save_checkpoint,
     trim_steps,
     write_stage_summary,
 )
@@ -266,9 +262,20 @@ def _update(model: Any, ref: Any, optimizer: torch.optim.Optimizer, rows: list[T
 
 def _train_step(model: Any, ref: Any, optimizer: torch.optim.Optimizer, groups: list[Group], cfg: RLConfig,
                 pad_id: int, device: Any, step: int) -> dict[str, float]:
-    samples, extra = build_samples(groups, std_normalize=cfg.std_normalize, overlong=cfg.overlong,
-                                   max_tokens=cfg.max_tokens, overlong_buffer=cfg.overlong_buffer,
-                                   overlong_factor=cfg.overlong_penalty)
+    samples, extra = _build_train_samples(groups, cfg)
+    return _train_samples(model, ref, optimizer, samples, extra, cfg, pad_id, device, step)
+
+
+def _build_train_samples(groups: list[Group], cfg: RLConfig) -> tuple[list[list[TrainSample]], dict[str, float]]:
+    return build_samples(groups, std_normalize=cfg.std_normalize, overlong=cfg.overlong, max_tokens=cfg.max_tokens,
+                         overlong_buffer=cfg.overlong_buffer, overlong_factor=cfg.overlong_penalty)
+
+
+def _train_samples(model: Any, ref: Any, optimizer: torch.optim.Optimizer, samples: list[list[TrainSample]],
+                   extra: dict[str, float], cfg: RLConfig, pad_id: int, device: Any, step: int,
+                   update: Any = None) -> dict[str, float]:
+    """The step's updates on its GRPO rows; `update` is `_update` (one process) or the FSDP rank's."""
+    update = update or _update
     if cfg.old_logprobs == "trainer":
         with torch.no_grad():  # recompute pi_old with the trainer (the engine's are kept for the drift metric)
             for group in samples:
@@ -276,7 +283,7 @@ def _train_step(model: Any, ref: Any, optimizer: torch.optim.Optimizer, groups: 
                 logp, _ = token_logprobs(model, batch, cfg.temperature)
                 for r, row, n in zip(group, logp, batch["completion"], strict=True):
                     r.old_logprobs = row[n].tolist()
-    per_update = len(groups) if cfg.on_policy else cfg.mini_batch_groups
+    per_update = len(samples) if cfg.on_policy else cfg.mini_batch_groups
     epochs = 1 if cfg.on_policy else cfg.ppo_epochs
     rng = random.Random(f"{cfg.seed}/minibatch/{step}")
     agg: dict[str, float] = {}
@@ -287,7 +294,7 @@ def _train_step(model: Any, ref: Any, optimizer: torch.optim.Optimizer, groups: 
             rng.shuffle(order)
         for i in range(0, len(order), per_update):
             rows = [r for j in order[i: i + per_update] for r in samples[j]]
-            stats = _update(model, ref, optimizer, rows, cfg, pad_id, device, first=updates == 0, step=step)
+            stats = update(model, ref, optimizer, rows, cfg, pad_id, device, first=updates == 0, step=step)
             if updates == 0:
                 agg["logprob_drift"] = stats["drift"] / max(1.0, stats["comp_tokens"])
                 agg["logprob_drift_max"] = stats["drift_max"]
@@ -336,15 +343,16 @@ def _step_metrics(groups: list[Group], selected: list[Group]) -> dict[str, float
     return out
 
 
-def _named_weights(model: Any) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in model.named_parameters()}
-
-
 def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
     """Runs (or resumes) RL; returns the stage summary. Final model in `out_dir/model`."""
     from thinkforge.cluster.setup import preflight
+    from thinkforge.cluster.trainer import launched_rank, run_rank
 
     cfg.check()
+    launched = launched_rank()
+    if launched and launched[0] and cfg.cluster_config().trainer_procs > 1:  # torchrun: a trainer-only rank
+        run_rank(cfg, *launched)
+        return {"stage": "rl", "rank": launched[0]}
     started_ray = preflight(cfg.cluster_config())  # a Ray address that does not answer fails here, before any compute
     roles = None
     try:
@@ -358,8 +366,9 @@ def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
 
 
 def _start(cfg: RLConfig, started_ray: bool) -> tuple[Any, ...]:
-    """Loads the policy and builds the roles: (model, tokenizer, optimizer, ref, sampler, router, roles, state)."""
+    """Loads the policy and builds the roles: (trainer, tokenizer, sampler, router, roles, state, tasks, device)."""
     from thinkforge.cluster.setup import build_roles
+    from thinkforge.cluster.trainer import make_trainer
     from thinkforge.engine.loading import resolve_dtype
     from thinkforge.model.io import load_model, resolve_device
     from thinkforge.rewards import RewardRouter
@@ -382,35 +391,46 @@ def _start(cfg: RLConfig, started_ray: bool) -> tuple[Any, ...]:
 
         freeze_mtp(model)  # before the optimizer is built, so it never holds them
     ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     sampler = ProblemSampler(problems, cfg.seed, cfg.easy_alpha, cfg.easy_pool)
-    state = load_checkpoint(out_dir, model, optimizer) or {"step": 0, "tokens": 0, "elapsed": 0.0,
-                                                           "degenerate_steps": 0, "eval": {}}
-    if "sampler" in state:
-        sampler.load_state_dict(state["sampler"])
-        router.load_state_dict(state["rewards"])
-    router.restore(cfg.tasks)
     model.train()
     try:
         if vl:
+            if cfg.cluster_config().trainer_procs > 1:
+                raise ThinkforgeError("rl: cluster.trainer_procs > 1 (FSDP2) is not built for VL policies yet")
             from thinkforge.vl.rollout import build_vl_roles
 
             roles = build_vl_roles(cfg, model, tokenizer, router)
-        else:
+        else:  # before the trainer shards the policy: the in-process engine samples from a copy of it
             roles = build_roles(cfg, model, tokenizer, device, router, started_ray)
     except BaseException:
         router.close()
         raise
-    return model, tokenizer, optimizer, ref, sampler, router, roles, state, tasks, device
+    trainer = None
+    try:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        trainer = make_trainer(cfg, model, ref, pad_id, device)  # trainer_procs > 1: starts the FSDP2 ranks
+        state = trainer.load(out_dir) or {"step": 0, "tokens": 0, "elapsed": 0.0, "degenerate_steps": 0, "eval": {}}
+        if "sampler" in state:
+            sampler.load_state_dict(state["sampler"])
+            router.load_state_dict(state["rewards"])
+        router.restore(cfg.tasks)
+    except BaseException:
+        try:
+            if trainer is not None:
+                trainer.close(ok=False)
+            roles.close()
+        finally:
+            router.close()
+        raise
+    return trainer, tokenizer, sampler, router, roles, state, tasks, device
 
 
-def _run(cfg: RLConfig, progress: Any, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer, ref: Any,
-         sampler: Any, router: Any, roles: Any, state: dict[str, Any], tasks: dict[str, Any],
-         device: Any) -> dict[str, Any]:
+def _run(cfg: RLConfig, progress: Any, trainer: Any, tokenizer: Any, sampler: Any, router: Any, roles: Any,
+         state: dict[str, Any], tasks: dict[str, Any], device: Any) -> dict[str, Any]:
     from thinkforge.rollout import RolloutConfig, SeamlessRollout
 
     out_dir = Path(cfg.out_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    optimizer = trainer.optimizer
     engine, rewards = roles.engine, roles.rewards
     cluster = cfg.cluster_config()
     stale = cluster.max_staleness > 0
@@ -427,10 +447,11 @@ def _run(cfg: RLConfig, progress: Any, model: Any, tokenizer: Any, optimizer: to
     t0 = time.time() - state["elapsed"]
     bar = progress.add_task("rl", total=cfg.steps, completed=state["step"]) if progress else None
     stopped = None
+    ok = False
     try:
         # Version = the step whose update produced the weights; the engines start from the trainer's.
         version = state["step"]
-        roles.sync.push(_named_weights(model), version)
+        roles.sync.push(trainer.weights(), version)
         if cfg.eval_at_start and state["step"] == 0 and "0" not in state["eval"]:
             state["eval"]["0"] = evaluate_heldout(engine, cfg, out_dir, 0)
             log.log(0, **{f"eval/{k}": v for k, v in state["eval"]["0"].items()})
@@ -465,11 +486,11 @@ def _run(cfg: RLConfig, progress: Any, model: Any, tokenizer: Any, optimizer: to
             t_train = time.perf_counter()
             if res.selected:
                 state["degenerate_steps"] = 0
-                row.update(_train_step(model, ref, optimizer, res.selected, cfg, pad_id, device, step))
+                row.update(trainer.train(res.selected, step))
                 state["tokens"] += int(row["train_tokens"])
                 row["train_s"] = time.perf_counter() - t_train
                 version = step
-                row["weight_sync_s"] = roles.sync.push(_named_weights(model), version)
+                row["weight_sync_s"] = roles.sync.push(trainer.weights(), version)
             else:
                 state["degenerate_steps"] += 1
                 warnings.warn(f"rl step {step}: no valid group in {res.stats['groups_started']} groups (every group's "
@@ -493,18 +514,22 @@ def _run(cfg: RLConfig, progress: Any, model: Any, tokenizer: Any, optimizer: to
             if step % cfg.save_every == 0 and step < cfg.steps:
                 state["elapsed"] = time.time() - t0
                 state["sampler"], state["rewards"] = sampler.state_dict(), router.state_dict()
-                save_checkpoint(out_dir, model, tokenizer, optimizer, state)
+                trainer.save(out_dir, tokenizer, state)
         final_eval = evaluate_heldout(engine, cfg, out_dir, state["step"])
         state["eval"][str(state["step"])] = final_eval
         log.log(state["step"], **{f"eval/{k}": v for k, v in final_eval.items()})
+        path = trainer.finalize(out_dir, tokenizer)  # FSDP: every rank takes part in gathering the weights
+        ok = True
     finally:
         log.close()
         try:
-            roles.close()
+            trainer.close(ok=ok)
         finally:
-            router.close()
+            try:
+                roles.close()
+            finally:
+                router.close()
     atomic_write_json(out_dir / "pass_rates.json", sampler.state_dict())
-    path = finalize(out_dir, model, tokenizer)
     summary = {
         "stage": "rl", "model_dir": str(path), "steps": state["step"], "tokens": state["tokens"],
         "wall_s": time.time() - t0, "accuracy": final_eval, "eval": state["eval"], "stopped": stopped,
