@@ -226,3 +226,45 @@ def test_bounded_staleness_is_opt_in_bounded_and_logged_per_sample(micro, tmp_pa
     assert max(first for first, _ in lags) == 1 and all(0 <= last <= first <= 1 for first, last in lags)
     metrics = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert max(r["staleness_max"] for r in metrics) == 1
+
+
+# ------------------------------------------------------------------------------------ driver SIGKILL
+def test_ray_driver_sigkill_then_resume_keeps_the_data_order(ray_cluster, micro, tmp_path):
+    """The driver (controller) of a Ray run is SIGKILLed after a checkpoint; its actors die with it (they
+    are not detached), and the rerun -- joining the same cluster -- ends as an uninterrupted run did."""
+    import json
+
+    from thinkforge.train.rl import rl
+
+    steps = 4
+    ref = tmp_path / "ref"
+    rl(_cfg(micro, ref, steps=steps))
+    run = tmp_path / "run"
+    cluster = {"backend": "ray", "address": ray_cluster.get_runtime_context().gcs_address, "rollout_workers": 2,
+               "reward_workers": 2, "worker_imports": IMPORTS}
+    cfg = json.dumps(_cfg(micro, run, steps=steps, save_every=1, cluster=cluster).__dict__)
+    script = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); import tests.test_rl_support\n"
+              "from thinkforge.train.rl import RLConfig, rl\nrl(RLConfig(**json.loads(sys.argv[1])))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, cfg], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ckpt = run / "checkpoint" / "trainer.pt"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt.exists() and torch.load(ckpt, weights_only=False)["state"]["step"] >= 2:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    saved = torch.load(ckpt, weights_only=False)["state"]["step"]
+    assert 2 <= saved < steps
+    summary = rl(_cfg(micro, run, steps=steps, save_every=1, cluster=cluster))  # same cluster, new driver
+    assert summary["steps"] == steps
+    assert read_jsonl(run / "rollouts.jsonl") == read_jsonl(ref / "rollouts.jsonl")  # same groups, every step
+    a, b = ([r for r in read_jsonl(p / "metrics.jsonl") if "loss" in r] for p in (ref, run))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
+    scale = max(abs(r["loss"]) for r in a)
+    assert all(abs(rb["loss"] - ra["loss"]) <= 1e-3 * scale for ra, rb in zip(a, b, strict=True))
