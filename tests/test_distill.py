@@ -304,3 +304,69 @@ def test_resume_refuses_rows_drawn_with_other_settings(teacher, tmp_path):
     assert not settings_path(legacy).exists()
     assert distill(cfg_for(teacher, legacy, n=2, limit=5, temperature=0.7))["this_run"]["written"] == 2
     assert json.loads(settings_path(legacy).read_text())["settings"]["temperature"] == 0.7
+
+
+# ---------------------------------------------------------------- fan-out over several endpoints
+@pytest.fixture()
+def two_teachers():
+    pair = []
+    for _ in range(2):
+        t = Teacher()
+        srv, thread, t.url = serve_in_thread(make_app(t))
+        pair.append((t, srv, thread))
+    yield [t for t, _, _ in pair]
+    for _, srv, thread in pair:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_fan_out_over_two_teachers_sigkill_then_resume_without_duplicates(two_teachers, tmp_path):
+    a, b = two_teachers
+    a.delay = b.delay = 0.05
+    out = tmp_path / "traces.jsonl"
+    args = [sys.executable, "-m", "thinkforge.cli", "distill", "--teacher", f"{a.url},{b.url}", "--tasks", "arith",
+            "--n", "4", "--limit", "12", "--out", str(out), "--concurrency", "2", "--max-tokens", "32"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not out.exists() or len(out.read_text().splitlines()) < 12:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = [json.loads(line) for line in out.read_text().splitlines() if line.endswith("}")]
+    assert {r["teacher"].rpartition("#")[0] for r in before} == {a.url, b.url}  # both endpoints served rows
+    a.delay = b.delay = 0.0
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(out)
+    assert len(rows) == 48 and len({r["id"] for r in rows}) == 48
+    answered = a.answered_jobs + b.answered_jobs
+    # rows on disk at kill time were never requested again, from either endpoint
+    assert all(answered[(r["messages"][-1]["content"], r["seed"])] == 1 for r in before)
+    assert sum(answered.values()) <= 48 + 4  # at most the 4 in flight at the kill (2 per endpoint), twice
+    assert sum(a.answered.values()) > 0 and sum(b.answered.values()) > 0
+    assert all(r["teacher"] in (f"{a.url}#scripted", f"{b.url}#scripted") for r in rows)
+    # the same rows as one endpoint draws: seeds are per (problem, sample), not per endpoint
+    single = tmp_path / "single.jsonl"
+    distill(cfg_for(a, single, n=4, limit=12, max_tokens=32, concurrency=4))
+    by_id = {r["id"]: r["response"] for r in read_rows(single)}
+    assert {r["id"]: r["response"] for r in rows} == by_id
+
+
+def test_fan_out_moves_a_dead_endpoints_share_to_the_live_one(two_teachers, tmp_path):
+    live, other = two_teachers
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    out = tmp_path / "traces.jsonl"
+    summary = distill(dataclasses.replace(cfg_for(live, out, n=2, limit=8), teacher=f"{dead}#scripted,{live.url}"))
+    rows = read_rows(out)
+    assert len(rows) == 16 and len({r["id"] for r in rows}) == 16 and summary["complete"]
+    assert {r["teacher"] for r in rows} == {f"{live.url}#scripted"}
+    run = summary["this_run"]
+    assert run["per_endpoint"] == {dead: 0, live.url: 16} and run["retry_reasons"].get("connection", 0) >= 1
+    mixed = dataclasses.replace(cfg_for(live, tmp_path / "mixed.jsonl"), teacher=f"{live.url},{other.url}#other")
+    with pytest.raises(ThinkforgeError, match="serve different models"):
+        distill(mixed)  # one file, one teacher: refused before any request
+    assert not (tmp_path / "mixed.jsonl").exists()

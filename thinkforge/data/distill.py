@@ -1,7 +1,11 @@
 """Distillation: every problem K times through a teacher, written as it arrives, resumable.
 
 A teacher is any OpenAI-compatible endpoint (`--teacher http://host:port/v1[#model]`) or a local
-checkpoint run through the backend interface (`native`, `hf`, `vllm`). For the HTTP path the
+checkpoint run through the backend interface (`native`, `hf`, `vllm`). Several endpoints serving the same
+model (`--teacher http://a:8000/v1,http://b:8000/v1`, e.g. one vLLM server per GPU or node) are one teacher
+fanned out: `concurrency` requests in flight per endpoint, each request sent to the least busy endpoint
+that did not just fail, so a dead or overloaded server's share moves to the others. Which endpoint
+answered does not change a row (seeds are per (problem, sample)); each row records it. For the HTTP path the
 `openai` client is used with its own retries switched off (`max_retries=0`): the loop here retries
 429/5xx/timeouts/dropped connections with exponential backoff and full jitter, waits at least what a
 `Retry-After` header asks, and records how many attempts each row took.
@@ -91,6 +95,7 @@ class Result:
     completion_tokens: int
     attempts: int = 1
     latency_s: float = 0.0
+    endpoint: str = ""  # the URL that answered (fan-out over several endpoints)
 
 
 class RequestFailed(Exception):
@@ -291,10 +296,10 @@ def with_retries(call: Callable[[], Result], cfg: DistillConfig, rng: random.Ran
 class OpenAITeacher:
     """Chat completions over HTTP with the official client, one request per (problem, sample)."""
 
-    def __init__(self, cfg: DistillConfig) -> None:
+    def __init__(self, cfg: DistillConfig, teacher: str | None = None) -> None:
         import openai
 
-        url, _, name = cfg.teacher.partition("#")
+        url, _, name = (teacher or cfg.teacher).partition("#")
         url = url.rstrip("/")
         if not url.endswith("/v1"):
             url += "/v1"
@@ -313,6 +318,7 @@ class OpenAITeacher:
             if not name:
                 raise ThinkforgeError(f"distill: {url}/models lists no model; pass --teacher URL#model")
         self.model = name
+        self.url = url
 
     def request(self, job: Job) -> Result:
         cfg = self.cfg
@@ -324,10 +330,66 @@ class OpenAITeacher:
         choice = r.choices[0]
         usage = r.usage
         return Result(choice.message.content or "", choice.finish_reason or "stop",
-                      usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+                      usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+                      endpoint=self.url)
 
     def close(self) -> None:
         self.client.close()
+
+
+def teacher_urls(teacher: str) -> list[str]:
+    return [t.strip() for t in teacher.split(",") if t.strip()]
+
+
+class TeacherPool:
+    """Several endpoints of one teacher model. Each request goes to the endpoint with the fewest requests
+    in flight among those whose last request did not fail (all of them when every one just failed)."""
+
+    def __init__(self, cfg: DistillConfig) -> None:
+        urls = teacher_urls(cfg.teacher)
+        self.teachers: list[OpenAITeacher] = []
+        try:
+            for url in urls:
+                self.teachers.append(OpenAITeacher(cfg, url))
+        except BaseException:
+            self.close()
+            raise
+        models = sorted({t.model for t in self.teachers})
+        if len(models) > 1:
+            self.close()
+            raise ThinkforgeError(f"distill: the teacher endpoints serve different models ({', '.join(models)}); "
+                                  "one file holds one teacher's rows (pass URL#model to pin one)")
+        self.model = models[0]
+        self.inflight = [0] * len(self.teachers)
+        self.failed = [False] * len(self.teachers)
+        self.answered = [0] * len(self.teachers)
+        self.lock = threading.Lock()
+
+    def request(self, job: Job) -> Result:
+        with self.lock:
+            i = min(range(len(self.teachers)), key=lambda k: (self.failed[k], self.inflight[k], k))
+            self.inflight[i] += 1
+        try:
+            result = self.teachers[i].request(job)
+        except BaseException:
+            with self.lock:
+                self.failed[i] = True
+            raise
+        else:
+            with self.lock:
+                self.failed[i] = False
+                self.answered[i] += 1
+            return result
+        finally:
+            with self.lock:
+                self.inflight[i] -= 1
+
+    def per_endpoint(self) -> dict[str, int]:
+        return {t.url: n for t, n in zip(self.teachers, self.answered, strict=True)}
+
+    def close(self) -> None:
+        for t in self.teachers:
+            t.close()
 
 
 # ---------------------------------------------------------------- the run
@@ -402,7 +464,7 @@ def distill(cfg: DistillConfig, progress: Any = None) -> dict[str, Any]:
                 f"distill {run_tokens['out']:,} tok out, ${run_tokens['cost']:.4f}"
                 + (f", {stats['retries']} retries" if stats["retries"] else "")))
 
-    teacher = OpenAITeacher(cfg) if pending and backend == "openai" else None
+    teacher = TeacherPool(cfg) if pending and backend == "openai" else None
     if pending:
         try:
             record_settings(out, draw_settings(cfg, teacher.model if teacher else cfg.teacher), done,
@@ -413,27 +475,28 @@ def distill(cfg: DistillConfig, progress: Any = None) -> dict[str, Any]:
             raise
     if teacher is not None:
         stop = threading.Event()
-        teacher_name = f"{cfg.teacher.partition('#')[0]}#{teacher.model}"
 
         def run(job: Job) -> Result:
             rng = random.Random(f"{cfg.seed}/{job.key}")
             return with_retries(lambda: teacher.request(job), cfg, rng, on_retry, stop)
 
-        pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="distill")
+        window = cfg.concurrency * len(teacher.teachers)  # `concurrency` per endpoint
+        pool = ThreadPoolExecutor(max_workers=window, thread_name_prefix="distill")
         try:
             # A bounded window of in-flight futures keeps memory flat for millions of jobs.
             queue = iter(pending)
             inflight: dict[Future, Job] = {}
             for job in queue:
                 inflight[pool.submit(run, job)] = job
-                if len(inflight) >= 2 * cfg.concurrency:
+                if len(inflight) >= 2 * window:
                     break
             while inflight:
                 finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     job = inflight.pop(fut)
                     try:
-                        write(make_row(job, fut.result(), cfg, teacher_name))
+                        res = fut.result()
+                        write(make_row(job, res, cfg, f"{res.endpoint}#{teacher.model}"))
                     except (RequestFailed, ThinkforgeError) as err:
                         stats["failed"] += 1
                         failures.append({"id": job.key, "error": str(err),
@@ -447,9 +510,11 @@ def distill(cfg: DistillConfig, progress: Any = None) -> dict[str, Any]:
             stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
             teacher.close()
+            stats["per_endpoint"] = teacher.per_endpoint()
     elif pending:
+        if len(teacher_urls(cfg.teacher)) > 1:
+            raise ThinkforgeError("distill: a comma list of teachers fans out over HTTP endpoints only")
         _distill_local(cfg, backend, pending, write)
-        teacher_name = cfg.teacher
     wall = time.time() - t0
     all_rows = read_jsonl(out, tolerate_partial_last_line=True) if out.exists() else []
     summary = {
