@@ -205,8 +205,10 @@ def test_bad_cluster_settings_fail_in_one_line_before_any_compute(micro, tmp_pat
     assert bad.returncode == 2, bad.stderr[-2000:]
     assert "no Ray cluster answers at 127.0.0.1:9" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()  # nothing was started or written
-    bad = _cli(micro, tmp_path / "o", "cluster.rollout_engine=vllm")
-    assert bad.returncode == 2 and "needs vllm installed" in bad.stderr
+    for vllm in ("cluster.rollout_engine=vllm", "cluster.backend=vllm"):
+        bad = _cli(micro, tmp_path / "o", vllm)
+        assert bad.returncode == 2 and "needs vllm installed" in bad.stderr, bad.stderr[-2000:]
+        assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
     bad = _cli(micro, tmp_path / "o", "cluster.backend=slurm")
     assert bad.returncode == 2 and "cluster.backend must be one of local, ray" in bad.stderr
     with pytest.raises(ThinkforgeError, match="need cluster.backend=ray"):

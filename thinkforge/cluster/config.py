@@ -13,7 +13,8 @@ ENGINES = ("native", "vllm")
 
 @dataclass
 class ClusterConfig:
-    backend: str = "local"  # "local" (one process) | "ray" (rollout and reward roles on Ray actors)
+    backend: str = "local"  # "local" (one process) | "ray" (rollout and reward roles on Ray actors) | "vllm"
+    # ("vllm" = local with rollout_engine=vllm)
     address: str | None = None  # Ray cluster address ("host:6379", "ray://host:10001"); None = start a local one
     rollout_workers: int = 1  # rollout engine actors (ray); the scheduler drives all of them at once
     reward_workers: int = 2  # CPU reward actors (ray); the local backend uses RLConfig.reward_workers threads
@@ -33,6 +34,10 @@ class ClusterConfig:
     # rank 0 also runs the controller. 1 = one process. See thinkforge.cluster.trainer.
     trainer_procs: int = 1
     trainer_timeout_s: float = 1800.0  # a collective that waits longer than this (a hung rank) fails
+
+    def __post_init__(self) -> None:
+        if self.backend == "vllm":  # shorthand: the driver's rollout engine is vLLM (GPU, optional extra)
+            self.backend, self.rollout_engine = "local", "vllm"
 
     def check(self) -> None:
         if self.backend not in BACKENDS:
