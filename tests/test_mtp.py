@@ -310,3 +310,15 @@ def test_model_modules_import_no_trainer():
     from thinkforge.train.mtp_extend import MTPExtendConfig, mtp_extend
 
     assert MTPExtendConfig().layers == 3 and callable(mtp_extend)
+
+
+def test_mtp_bench_recipe_is_deep_with_one_mtp_layer():
+    """The shipped MTP benchmark recipe: >= 16 main layers, 1 MTP layer pretrained (extended to 3 afterwards)."""
+    from thinkforge.model.tiny import PRESETS
+    from thinkforge.train.pretrain import PretrainConfig
+    from thinkforge.utils import load_config
+
+    cfg = load_config(PretrainConfig, "mtp-bench", "pretrain")
+    spec = PRESETS[cfg.model_size]
+    assert cfg.mtp_layers == 1 and spec.num_hidden_layers >= 16
+    assert spec.hidden_size % spec.num_attention_heads == 0

@@ -25,6 +25,9 @@ PRESETS = {
     "tiny": TinyModelSpec(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                           intermediate_size=384),
     "base": TinyModelSpec(),
+    # MTP benchmark (recipe mtp-bench): MiMo-like depth ratio, 16 narrow layers, so one MTP layer is ~1/16 of it.
+    "deep": TinyModelSpec(hidden_size=64, num_hidden_layers=16, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=192),
     "small": TinyModelSpec(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
                            intermediate_size=1024, max_position_embeddings=2048),
 }
