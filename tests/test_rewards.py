@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -96,7 +97,10 @@ def test_code_reward_runs_a_repeated_program_once():
     reward = get_reward("code_tddr", mode="soft")
     plain = get_reward("code_tddr", mode="soft", cache=False)
     assert plain.cache is None
-    wrong = "```python\ndef f(x):\n    return {14: 94, 3: 39}.get(x, 0)\n```"  # passes the level-0 tests only
+    # A lookup table of the level-0 tests' answers: passes the level-0 tests only.
+    table = dict(re.fullmatch(r"assert f\((-?\d+),?\) == (-?\d+)", t["assert"]).groups()
+                 for t in code.tests if t["level"] == 0)
+    wrong = f"```python\ndef f(x):\n    return {{{', '.join(f'{a}: {b}' for a, b in table.items())}}}.get(x, 0)\n```"
     with ThreadPoolExecutor(4) as pool:
         first = list(pool.map(lambda r: reward(code, r), [code.solution] * 4 + [wrong] * 4))
     assert (reward.cache.misses, reward.cache.hits) == (2, 6)

@@ -67,3 +67,31 @@ def test_code_edge_case_bug_fails_only_harder_tests():
     assert 0 in passed_levels and 1 in failed_levels
     assert 0 < score.reward < 1
     assert task.score(p, "I don't know").reason == "no_answer"
+
+
+def test_code_heldout_has_1000_distinct_problems_over_all_templates():
+    from thinkforge.tasks.code import TEMPLATES
+
+    task = get_task("code")
+    held = task.problems("heldout", n=1000, seed=0)
+    assert len({p.id for p in held}) == len({p.prompt for p in held}) == 1000
+    assert {p.meta["template"] for p in held} == {t.name for t in TEMPLATES}
+    assert not {p.id for p in held} & {p.id for p in task.problems("train", n=3000, seed=0)}
+
+
+@pytest.mark.parametrize(("template", "buggy"), [
+    ("count_in_range", "def f(xs):\n    return sum(1 for x in xs if {lo} < x < {hi})\n"),  # exclusive bounds
+    ("threshold", "def f(x):\n    return {a} * x if x > {t} else {b}\n"),  # off by one at x == t
+    ("first_above", "def f(xs):\n    for i, x in enumerate(xs):\n        if x > {k}:\n            return i\n"),
+])
+def test_code_off_by_one_and_default_bugs_pass_typical_tests_only(template, buggy):
+    task = get_task("code")
+    p = next(p for p in task.problems("heldout", n=200) if p.meta["template"] == template)
+    assert task.score(p, p.solution).correct
+    nums = [int(x) for x in re.findall(r"-?\d+", p.prompt)]  # the template's parameters, in prompt order
+    names = {"count_in_range": ("lo", "hi"), "threshold": ("a", "t", "b"), "first_above": ("k", "d")}[template]
+    score = task.score(p, "```python\n" + buggy.format(**dict(zip(names, nums, strict=True))) + "```")
+    by_level: dict[int, list[bool]] = {}
+    for ok, level in zip(score.details["passed"], score.details["levels"], strict=True):
+        by_level.setdefault(level, []).append(ok)
+    assert all(by_level[0]) and not all(by_level[1]) and not score.correct
