@@ -92,6 +92,42 @@ def ensure_mtp_layers(model_dir: str, need: int, steps: int, out: str | None, ar
     return summary["model_dir"], need, {k: summary[k] for k in keep}
 
 
+def gemm_gflops(threads: int, n: int = 2048, repeats: int = 3) -> float:
+    """This machine's dense fp32 GEMM rate at `threads` threads: best of `repeats` n x n torch.matmul."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def add_roofline(rows: list[dict[str, Any]], model: Any, peak_gflops: float) -> int:
+    """Per row: weight-GEMM GFLOP/s achieved by decoding and its share of the dense-GEMM peak. FLOPs are
+    2 x weights per token through the main layers + LM head (plain: one per emitted token; speculative: k + 1
+    per verify row-round plus k MTP layer + LM head passes); the time is the whole wall time, prefill
+    included, so the share is a lower bound."""
+    inner = model.model
+    head = model.lm_head.weight.numel()
+    main = sum(p.numel() for p in inner.layers.parameters()) + head
+    mtp = [sum(p.numel() for p in layer.parameters()) + head for layer in getattr(inner, "mtp_layers", [])]
+    for r in rows:
+        k = r["k"]
+        if k == 0:
+            flops = 2 * main * r["completion_tokens"]
+        else:
+            flops = 2 * r["row_rounds"] * ((k + 1) * main + sum(mtp[:k]))
+        gf = flops / r["seconds"]["wall"] / 1e9
+        r["gemm_gflops"] = round(gf, 6)
+        r["share_of_gemm_peak"] = round(gf / peak_gflops, 4)
+    return main
+
+
 def first_divergence(a: list[int], b: list[int]) -> int:
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
@@ -276,12 +312,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plain_consistent = len({plain[b]["completion_tokens"] for b in plain}) == 1
 
     n_params = sum(p.numel() for p in model.parameters())
+    peak = gemm_gflops(args.threads)
+    main_weights = add_roofline(rows, model, peak)
     print_table(rows, f"plain vs MTP speculative decoding  ({model_dir}, {n_params / 1e6:.2f}M params incl. MTP, "
                       f"threads={args.threads}, max_tokens={args.max_tokens}, {len(prompts)} held-out prompts, "
                       f"greedy, best of {args.repeats})")
     print("ratio = tokens/s (wall, then per CPU-second) over plain decoding at the same batch size; fwds = decode "
           "(verify) forwards; break-even = ms/round over plain's = the mean accepted length k must reach to "
           "tie plain decoding; acceptance[j] = share of rounds whose draft j+1 was accepted (and all before it)")
+    print(f"machine limit: 2048x2048 fp32 torch.matmul at {args.threads} threads = {peak:.1f} GFLOP/s; decode "
+          "weight-GEMM rate (lower bound, prefill time included) and share of it:")
+    for r in rows:
+        print(f"  batch {r['batch']:>3} k {r['k']}: {r['gemm_gflops']:.3f} GFLOP/s = {100 * r['share_of_gemm_peak']:.2f}%")
     target = target_check(rows, 1.7, 0.85)
     if target:
         print(f"target (batch 1: >= {target['want_ratio']}x, acceptance[0] >= {target['want_acceptance_first']}, "
@@ -289,7 +331,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"acceptance[0] {target['acceptance_first']:.2f}, identical {target['all_identical']} -> "
               f"{'MET' if target['met'] else 'NOT MET'}")
     result = {"rows": rows, "target": target, "model_dir": model_dir, "model_arg": args.model, "mtp_layers": layers,
-              "extension": extension, "skipped_k": skipped, "params": n_params, "problem_ids": problem_ids,
+              "extension": extension, "skipped_k": skipped,
+              "gemm_peak_gflops": round(peak, 2), "main_gemm_weights": main_weights, "params": n_params, "problem_ids": problem_ids,
               "plain_token_counts_equal_across_batches": plain_consistent, "reference_batch": ref,
               "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(),
               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),

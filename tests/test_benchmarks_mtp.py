@@ -62,6 +62,14 @@ def test_extends_then_compares_every_k_with_identical_greedy_outputs(bench, chec
         assert r["completion_tokens"] - 3 <= emitted <= r["completion_tokens"] - 3 + 3 * k
         assert r["verify_forwards"] == r["decode_forwards"] <= rows[(b, 0)]["decode_forwards"]
     assert res["target"]["batch"] == 1 and res["target"]["best_k"] in (1, 2, 3)
+    # Roofline: the machine's GEMM rate is measured, decode's weight-GEMM rate is a share of it, and for
+    # plain decoding it is 2 x (main layers + head weights) per emitted token over the wall time.
+    assert res["gemm_peak_gflops"] > 0
+    for r in rows.values():
+        assert 0 < r["share_of_gemm_peak"] < 1 and r["gemm_gflops"] > 0
+    plain = rows[(1, 0)]
+    ratio = plain["gemm_gflops"] * 1e9 * plain["seconds"]["wall"] / (2 * plain["completion_tokens"])
+    assert ratio == pytest.approx(res["main_gemm_weights"], rel=5e-2)  # GFLOP/s is rounded
     on_disk = json.loads(out.read_text())
     assert on_disk["rows"] == json.loads(json.dumps(res["rows"]))
     assert on_disk["config"]["max_tokens"] == 12 and on_disk["seed"] == 0 and "torch" in on_disk["versions"]
