@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from roofline import gemm_gflops, main_gemm_weights  # noqa: E402  (benchmarks/roofline.py)
 
 WORDS = ("what is 12 + 35 ? let me think step by step . the answer is 47 solve for x : 3x + 5 = 20 "
          "def add ( a , b ) : return a + b quick brown fox reasoning models think before they answer").split()
@@ -194,6 +197,20 @@ def main() -> None:
               f"{r['hf_tok_s']:>9} {r['speedup']:>5}x {r['native_tok_per_cpu_s']:>17} {r['hf_tok_per_cpu_s']:>13} "
               f"{r['speedup_cpu_time']:>5}x {r['row_step_bound']:>5}x {str(r['greedy_identical']):>9}")
 
+    # The machine's limit: decode's weight GEMMs (2 x layer + head weights per token; prefill time counted,
+    # its FLOPs not, so a lower bound) as a share of a large dense matmul at the same thread count.
+    peak = gemm_gflops(args.threads)
+    weights = main_gemm_weights(model)
+    print(f"\nmachine limit: 2048x2048 fp32 torch.matmul at {args.threads} threads = {peak:.1f} GFLOP/s")
+    for r in rows:
+        for side in ("native", "hf"):
+            gf = 2 * weights * r["completion_tokens"] / r[f"{side}_s"]["wall"] / 1e9
+            r[f"{side}_gemm_gflops"], r[f"{side}_share_of_gemm_peak"] = round(gf, 6), round(gf / peak, 4)
+        print(f"  batch {r['batch']:>3}: native {r['native_gemm_gflops']:.2f} GFLOP/s = "
+              f"{100 * r['native_share_of_gemm_peak']:.1f}%, hf {r['hf_gemm_gflops']:.2f} GFLOP/s = "
+              f"{100 * r['hf_share_of_gemm_peak']:.1f}% of it")
+    torch.set_num_threads(args.threads)
+
     server = None
     if not args.no_server:
         with tempfile.TemporaryDirectory() as d:
@@ -205,7 +222,8 @@ def main() -> None:
               f"max_tokens {args.server_max_tokens}): {server['completions_per_s']} completions/s, "
               f"{server['tokens_per_s']} tokens/s, up to {server['max_rows_batched']} sequences per batch")
 
-    result = {"rows": rows, "server": server, "stop_token_ids": stop_ids,
+    result = {"rows": rows, "server": server, "stop_token_ids": stop_ids, "gemm_peak_gflops": round(peak, 2),
+              "main_gemm_weights": weights,
               "load_average_at_end": os.getloadavg(), "cpu_count": os.cpu_count(),
               **run_metadata({k: v for k, v in vars(args).items()}, seed=args.seed)}
     atomic_write_json(args.out, result)

@@ -40,6 +40,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from roofline import gemm_gflops, main_gemm_weights  # noqa: E402  (benchmarks/roofline.py)
 
 
 def build_prompts(tokenizer: Any, n: int, tasks: list[str], seed: int) -> tuple[list[list[int]], list[str]]:
@@ -92,21 +95,6 @@ def ensure_mtp_layers(model_dir: str, need: int, steps: int, out: str | None, ar
     return summary["model_dir"], need, {k: summary[k] for k in keep}
 
 
-def gemm_gflops(threads: int, n: int = 2048, repeats: int = 3) -> float:
-    """This machine's dense fp32 GEMM rate at `threads` threads: best of `repeats` n x n torch.matmul."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
-
-
 def add_roofline(rows: list[dict[str, Any]], model: Any, peak_gflops: float) -> int:
     """Per row: weight-GEMM GFLOP/s achieved by decoding and its share of the dense-GEMM peak. FLOPs are
     2 x weights per token through the main layers + LM head (plain: one per emitted token; speculative: k + 1
@@ -114,7 +102,7 @@ def add_roofline(rows: list[dict[str, Any]], model: Any, peak_gflops: float) -> 
     included, so the share is a lower bound."""
     inner = model.model
     head = model.lm_head.weight.numel()
-    main = sum(p.numel() for p in inner.layers.parameters()) + head
+    main = main_gemm_weights(model)
     mtp = [sum(p.numel() for p in layer.parameters()) + head for layer in getattr(inner, "mtp_layers", [])]
     for r in rows:
         k = r["k"]
