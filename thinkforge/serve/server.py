@@ -79,7 +79,12 @@ class _Generator:
 
     def __init__(self, cfg: ServeConfig) -> None:
         from thinkforge.engine.loading import load_model_and_tokenizer
+        from thinkforge.vl.model import is_vl_checkpoint
 
+        self.vl = None  # a Qwen2(.5)-VL checkpoint: images in chat content parts, via the hf-vl backend
+        if is_vl_checkpoint(cfg.model):
+            self._init_vl(cfg)
+            return
         if cfg.backend not in ("native", "hf"):
             raise ThinkforgeError(f"serve: backend {cfg.backend!r} not servable; use native or hf")
         if cfg.speculative and cfg.backend != "native":
@@ -112,7 +117,21 @@ class _Generator:
             self.hf, self.hf_lock = hf, threading.Lock()
             self.max_model_len = min(hf.context, cfg.max_model_len or hf.context)
 
+    def _init_vl(self, cfg: ServeConfig) -> None:
+        from thinkforge.vl.backend import HFVLBackend
+
+        if cfg.speculative:
+            raise ThinkforgeError("serve: --speculative is not available for VL checkpoints")
+        self.vl = HFVLBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, batch_size=1)
+        self.backend, self.tokenizer = "hf-vl", self.vl.tokenizer
+        self.max_prompt_tokens, self.aborted = cfg.max_prompt_tokens, 0
+        self.prep = ThreadPoolExecutor(1, thread_name_prefix="thinkforge-tokenize")
+        self.vocab_size = model_vocab_size(self.vl.model, self.tokenizer)
+        self.hf_lock = threading.Lock()
+        self.max_model_len = min(self.vl.context, cfg.max_model_len or self.vl.context)
+
     def check_prompt(self, ids: list[int], param: str) -> None:
+        ids = getattr(ids, "input_ids", ids)  # a VL prompt: its tokens, image tokens included
         if not ids:
             raise P.RequestError("prompt is empty", param=param)
         if len(ids) >= self.max_model_len:
@@ -141,6 +160,14 @@ class _Generator:
 
         def blocking() -> list[Completion]:
             with self.hf_lock:
+                if self.vl is not None:  # ids: a VLEncoding from the chat route, or plain token ids
+                    from thinkforge.vl.processor import VLEncoding
+
+                    enc = ids if isinstance(ids, VLEncoding) else VLEncoding(list(ids), [0] * len(ids))
+                    try:
+                        return self.vl.generate_encoded([enc], params)[0]
+                    except ThinkforgeError as err:
+                        raise P.RequestError(str(err).splitlines()[0]) from None
                 return self.hf.generate_ids([ids], params)[0]
 
         return await asyncio.to_thread(blocking)
@@ -259,8 +286,12 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 raise P.RequestError("messages must not be empty", param="messages")
             given = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             check_caps(req, given, "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
-            conv = [{"role": m.role, "content": P.message_text(m.content)} for m in req.messages]
-            ids = await gen.prepare(_chat_ids, tok, conv)
+            if gen.vl is not None:  # content parts may carry images (image_url data URLs)
+                ids = await gen.prepare(_vl_chat_encoding, gen.vl, [{"role": m.role, "content": m.content or ""}
+                                                                    for m in req.messages])
+            else:
+                conv = [{"role": m.role, "content": P.message_text(m.content)} for m in req.messages]
+                ids = await gen.prepare(_chat_ids, tok, conv)
             gen.check_prompt(ids, "messages")
             if req.max_completion_tokens is not None:
                 max_tokens, field = req.max_completion_tokens, "max_completion_tokens"
@@ -313,6 +344,14 @@ def _chat_ids(tok: Any, conv: list[dict[str, str]]) -> list[int]:
     except ThinkforgeError as err:
         raise P.RequestError(str(err), param="messages") from None
     return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _vl_chat_encoding(vl: Any, conv: list[dict[str, Any]]) -> Any:
+    """The VL prompt (images decoded, checked and expanded); bad images/placeholders -> 400 naming the part."""
+    try:
+        return vl.encode_chat(conv, "request")
+    except ThinkforgeError as err:
+        raise P.RequestError(str(err).splitlines()[0], param="messages") from None
 
 
 def _prompt_ids(prompt: Any, tok: Any) -> list[list[int]]:

@@ -19,9 +19,15 @@ from thinkforge.errors import ThinkforgeError
 
 def split_images(messages: list[dict[str, Any]], where: str) -> tuple[list[dict[str, Any]], list[Any]]:
     """(messages with image parts reduced to {"type": "image"}, the images in order)."""
+    out, images, _ = split_images_named(messages, where)
+    return out, images
+
+
+def split_images_named(messages: list[dict[str, Any]], where: str) -> tuple[list[dict[str, Any]], list[Any], list[str]]:
+    """`split_images` plus each image's field name (`<where>.messages[i].content[j]`) for error messages."""
     if not isinstance(messages, list) or not messages:
         raise ThinkforgeError(f"{where}: expected a non-empty list of messages")
-    out, images = [], []
+    out, images, names = [], [], []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ThinkforgeError(f"{where}.messages[{i}]: expected {{'role': ..., 'content': ...}}")
@@ -40,6 +46,7 @@ def split_images(messages: list[dict[str, Any]], where: str) -> tuple[list[dict[
                 if part.get("image") is None:
                     raise ThinkforgeError(f"{where}.messages[{i}].content[{j}]: image part without an image")
                 images.append(part["image"])
+                names.append(f"{where}.messages[{i}].content[{j}].image")
                 parts.append({"type": "image"})
             elif kind == "image_url":
                 url = part.get("image_url")
@@ -47,11 +54,12 @@ def split_images(messages: list[dict[str, Any]], where: str) -> tuple[list[dict[
                 if not isinstance(url, str):
                     raise ThinkforgeError(f"{where}.messages[{i}].content[{j}]: image_url without a url")
                 images.append(url)
+                names.append(f"{where}.messages[{i}].content[{j}].image_url")
                 parts.append({"type": "image"})
             else:
                 raise ThinkforgeError(f"{where}.messages[{i}].content[{j}]: unknown content part {kind!r}")
         out.append({"role": m["role"], "content": parts})
-    return out, images
+    return out, images, names
 
 
 @register_backend("hf-vl")
@@ -75,8 +83,8 @@ class HFVLBackend(Backend):
         self.context = int(getattr(self.model.config.text_config, "max_position_embeddings", 0) or 1 << 30)
 
     def encode_chat(self, conversation: list[dict[str, Any]], where: str) -> Any:
-        messages, images = split_images(conversation, where)
-        return self.processor.encode_chat(messages, images, where=where)
+        messages, images, names = split_images_named(conversation, where)
+        return self.processor.encode_chat(messages, images, where=where, image_names=names)
 
     def chat(self, conversations: list[list[dict[str, Any]]], params: SamplingParams) -> list[list[Completion]]:
         return self.generate_encoded([self.encode_chat(c, f"conversation {i}") for i, c in enumerate(conversations)],

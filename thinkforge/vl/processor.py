@@ -41,6 +41,9 @@ class VLEncoding:
     def length(self) -> int:
         return len(self.input_ids)
 
+    def __len__(self) -> int:  # stands in for a token-id list where only the length is read (serve)
+        return len(self.input_ids)
+
 
 def make_image_processor(min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -85,10 +88,13 @@ class VLProcessor:
         return int(grid_thw.prod()) // (self.merge * self.merge)
 
     # ------------------------------------------------------------------ encoding
-    def encode(self, text: str, images: list[Any] | None = None, where: str = "prompt") -> VLEncoding:
+    def encode(self, text: str, images: list[Any] | None = None, where: str = "prompt",
+               image_names: list[str] | None = None) -> VLEncoding:
         """Tokenizes `text` (already rendered; `<image>` or `<|vision_start|><|image_pad|><|vision_end|>` per
-        image), expanding each image placeholder to its image's token count. Errors name `where`."""
+        image), expanding each image placeholder to its image's token count. Errors name `where` (and
+        `image_names[i]`, e.g. the content part an image came from, for an image that fails to decode)."""
         images = list(images or [])
+        names = image_names or [f"{where}.images[{i}]" for i in range(len(images))]
         text = text.replace(PLACEHOLDER, IMAGE_BLOCK)
         n_slots = text.count(IMAGE_PAD)
         for i, img in enumerate(images):
@@ -101,7 +107,7 @@ class VLProcessor:
             raise ThinkforgeError(f"{where}: {len(images)} images but only {n_slots} image placeholders")
         pixel_values = grid = None
         if images:
-            decoded = [decode_image(img, f"{where}.images[{i}]", self.max_image_pixels) for i, img in enumerate(images)]
+            decoded = [decode_image(img, names[i], self.max_image_pixels) for i, img in enumerate(images)]
             out = self.image_processor(images=decoded, return_tensors="pt")
             pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
             pieces = text.split(IMAGE_PAD)
@@ -115,8 +121,8 @@ class VLProcessor:
         return VLEncoding(ids, types, pixel_values, grid)
 
     def encode_chat(self, messages: list[dict[str, Any]], images: list[Any] | None = None, where: str = "prompt",
-                    add_generation_prompt: bool = True) -> VLEncoding:
-        return self.encode(self.render(messages, add_generation_prompt), images, where)
+                    add_generation_prompt: bool = True, image_names: list[str] | None = None) -> VLEncoding:
+        return self.encode(self.render(messages, add_generation_prompt), images, where, image_names)
 
     def extend(self, enc: VLEncoding, token_ids: list[int]) -> VLEncoding:
         """`enc` followed by text tokens (a response): images unchanged, new tokens are text."""
