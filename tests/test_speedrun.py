@@ -62,20 +62,29 @@ def test_smoke_speedrun_end_to_end(tmp_path):
 
 
 def test_fewtrace_preset_builds_every_stage():
-    """The few-traces preset (issue 14's data budget): every section is a valid stage config, SFT sees 100 traces
-    and RL a large answer-only pool, evaluated on 1000 held-out problems."""
-    from thinkforge.speedrun import EvalSpec, load_speedrun_config
+    """The few-traces preset (issue 14's data budget): every section is a valid stage config; SFT sees the
+    100-trace set and its reference the 1000-trace set that a teacher makes through distill -> curate, RL a large
+    answer-only pool, RFT RL's budget; everything evaluated on 1000 held-out problems, greedy and sampled."""
+    from thinkforge.data.trace_sets import TraceSetsConfig
+    from thinkforge.speedrun import EvalSpec, load_speedrun_config, plan_stages
     from thinkforge.train.pretrain import PretrainConfig
+    from thinkforge.train.rft import RFTConfig
     from thinkforge.train.rl import RLConfig
     from thinkforge.train.sft import SFTConfig
     from thinkforge.utils import build_config
 
     cfg = load_speedrun_config("fewtrace", {"rl.steps": 3})
+    assert [s.name for s in plan_stages(cfg)] == ["pretrain", "teacher", "traces", "sft", "sft_10n", "rl", "rft"]
     build_config(PretrainConfig, cfg.pretrain, "pretrain")
-    sft = build_config(SFTConfig, cfg.sft, "sft")
+    build_config(SFTConfig, cfg.teacher, "teacher")
+    traces = build_config(TraceSetsConfig, cfg.traces, "traces")
+    assert sorted(traces.sizes) == [100, 1000] and traces.problems_per_task > 1000
+    assert (cfg.sft["traces"], cfg.sft_10n["traces"]) == (100, 1000)
+    for section in (cfg.sft, cfg.sft_10n):
+        build_config(SFTConfig, {k: v for k, v in section.items() if k != "traces"}, "sft")
     rl = build_config(RLConfig, {**cfg.rl, "model": "m"}, "rl")
     rl.check()
+    build_config(RFTConfig, cfg.rft, "rft")
     spec = build_config(EvalSpec, cfg.eval, "eval")
-    assert (sft.tasks, sft.examples_per_task) == (["arith"], 100)
     assert rl.tasks == ["arith"] and rl.problems_per_task >= 100 * rl.batch_groups and rl.steps == 3
-    assert spec.problems_per_task >= 1000
+    assert spec.problems_per_task >= 1000 and spec.sampled_n == 8
