@@ -145,3 +145,14 @@ def test_rft_without_a_budget_or_traces_without_a_teacher_fail_in_one_line(tmp_p
     preset.write_text("pretrain: {}\ntraces: {sizes: [4]}\nsft: {traces: 4}\n")
     with pytest.raises(ThinkforgeError, match="traces needs a teacher"):
         plan_stages(load_speedrun_config(str(preset), {}))
+
+
+def test_rft_asks_for_enough_draws_to_spend_the_budget():
+    """Synthetic train draws repeat problems and distill samples each distinct one once: RFT must ask for as
+    many draws as hold the budget's distinct problems (a first run drew 39,216 samples for RL's 53,240)."""
+    from thinkforge.tasks import get_task
+    from thinkforge.train.rft import draws_for_distinct
+
+    limit = draws_for_distinct("arith", 2000, seed=1)
+    ids = [p.id for p in get_task("arith").problems("train", n=limit, seed=1)]
+    assert len(set(ids)) == 2000 and len(set(ids[:-1])) == 1999 and limit > 2000

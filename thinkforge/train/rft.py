@@ -40,6 +40,21 @@ class RFTConfig:
     device: str = "auto"
 
 
+def draws_for_distinct(task_name: str, distinct: int, seed: int) -> int:
+    """How many train draws hold `distinct` distinct problems. Synthetic train draws repeat problems and
+    distill asks each once, so asking for `distinct` draws would sample fewer completions than the budget."""
+    from thinkforge.tasks import get_task
+
+    n = distinct
+    while True:
+        seen: set[str] = set()
+        for i, p in enumerate(get_task(task_name).problems("train", n=n, seed=seed)):  # draws are prefix-stable
+            seen.add(p.id)
+            if len(seen) == distinct:
+                return i + 1
+        n *= 2
+
+
 def rft(cfg: RFTConfig, progress: Any = None) -> dict[str, Any]:
     from thinkforge.data.curate import CurateConfig, curate, stats_path
     from thinkforge.data.distill import DistillConfig, distill
@@ -55,9 +70,10 @@ def rft(cfg: RFTConfig, progress: Any = None) -> dict[str, Any]:
     t0 = time.time()
     drawn = 0
     for task in cfg.tasks:  # one distill file per task: each task has its own budget
-        problems = math.ceil(cfg.completions_per_task[task] / cfg.samples_per_problem)
+        limit = draws_for_distinct(task, math.ceil(cfg.completions_per_task[task] / cfg.samples_per_problem),
+                                   cfg.seed + 1)
         dist = distill(DistillConfig(teacher=cfg.model, backend="native", tasks=[task], n=cfg.samples_per_problem,
-                                     out=str(out / f"samples-{task}.jsonl"), split="train", limit=problems,
+                                     out=str(out / f"samples-{task}.jsonl"), split="train", limit=limit,
                                      temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed + 1,
                                      device=cfg.device, dtype="float32"), progress)
         drawn += dist["totals"]["rows"]
@@ -86,6 +102,7 @@ def rft(cfg: RFTConfig, progress: Any = None) -> dict[str, Any]:
                             eval_examples=0, eval_every=10**9, save_every=10**9, seed=cfg.seed, device=cfg.device,
                             tasks=list(cfg.tasks)), progress)
     result = {**summary, "stage": "rft", "wall_s": time.time() - t0, "completions": drawn, "kept": kept,
+              "budget": sum(cfg.completions_per_task[t] for t in cfg.tasks),
               "verified_share": round(kept / max(drawn, 1), 4), "dropped": stats.get("dropped"),
               **run_metadata(asdict(cfg), cfg.seed)}
     atomic_write_json(out / "summary.json", result)
