@@ -72,6 +72,9 @@ def test_trace_sets_are_verified_nested_and_sized(teacher_url, tmp_path):
     summary = build_trace_sets(cfg)
     small, large = rows(summary["files"]["3"]), rows(summary["files"]["6"])
     assert len(small) == 3 and len(large) == 6 and large[:3] == small  # N is the first N of 10N
+    # not curate's id order: ids lead with the level, so the first N by id would all be the easiest problems
+    ids = [r["problem_id"] for r in large]
+    assert ids != sorted(ids) and len({i.split("/")[1] for i in ids}) > 1
     task = get_task("arith")
     by_id = {p.id: p for p in task.problems("train", n=12, seed=0)}
     for r in large:  # every kept trace passes the task's verifier; the teacher's wrong ones are gone

@@ -172,6 +172,22 @@ def rl_completions(rl_dir: Path) -> dict[str, int]:
     return counts
 
 
+def drop_stale_samples(eval_dir: Path, key: str) -> None:
+    """Removes a task's eval samples made from an earlier model of this stage (another stage hash), which the
+    harness's resume guard would otherwise refuse; samples of this model are kept and resumed."""
+    import shutil
+
+    for run_file in eval_dir.glob("*/run.json") if eval_dir.exists() else []:
+        if json.loads(run_file.read_text()).get("settings", {}).get("stage_hash") != key:
+            shutil.rmtree(run_file.parent)
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _resolve_inputs(stage: Stage, fields: dict[str, Any], done: dict[str, Any], out: Path) -> list[str]:
     """Fills the fields a stage takes from earlier stages; returns the names of the stages it read."""
     used = []
@@ -217,8 +233,10 @@ def run_speedrun(cfg: SpeedrunConfig, progress: Any = None) -> dict[str, Any]:
         stage_cfg = build_config(stage.config_cls, fields, f"speedrun {stage.name}")
         # This stage's config, the numerics mode, and the digests of every stage it reads: a change upstream
         # reruns it, a change in a sibling (another reference row) does not.
+        data = getattr(stage_cfg, "data", None)  # a data file's content, not only its path
         digest = config_hash({"numerics": mode, stage.name: asdict(stage_cfg),
-                              "upstream": {n: digests[n] for n in [stage.parent, *inputs] if n}})
+                              "upstream": {n: digests[n] for n in [stage.parent, *inputs] if n},
+                              **({"data_sha256": file_sha256(data)} if data and Path(data).exists() else {})})
         digests[stage.name] = digest
         summary = _cached(out / stage.name, digest)
         if summary is None:
@@ -236,9 +254,14 @@ def run_speedrun(cfg: SpeedrunConfig, progress: Any = None) -> dict[str, Any]:
         stage = stages[name]
         t0, c0 = time.time(), cpu_seconds()
         model_dir = stage["summary"]["model_dir"]
-        stage["accuracy"] = evaluate_stage(model_dir, spec, out / "eval" / name, cfg.seed, cfg.device)
+        # The stage's digest in the eval config: a retrained model in the same directory is evaluated afresh.
+        key = digests[name]
+        for sub in (name, f"{name}-sampled"):
+            drop_stale_samples(out / "eval" / sub, key)
+        stage["accuracy"] = evaluate_stage(model_dir, spec, out / "eval" / name, cfg.seed, cfg.device, key=key)
         if spec.sampled_n > 0 and name in sampled:
-            evaluate_stage(model_dir, spec, out / "eval" / f"{name}-sampled", cfg.seed, cfg.device, sampled=True)
+            evaluate_stage(model_dir, spec, out / "eval" / f"{name}-sampled", cfg.seed, cfg.device, sampled=True,
+                           key=key)
         stage["mtp"] = measure_mtp(model_dir, spec, cfg.device)
         stage["eval_wall_s"], stage["eval_cpu_s"] = time.time() - t0, cpu_seconds() - c0
 
@@ -258,7 +281,7 @@ def run_speedrun(cfg: SpeedrunConfig, progress: Any = None) -> dict[str, Any]:
 
 
 def evaluate_stage(model_dir: str, spec: EvalSpec, out_dir: Path, seed: int, device: str,
-                   sampled: bool = False) -> dict[str, float]:
+                   sampled: bool = False, key: str | None = None) -> dict[str, float]:
     """Held-out accuracy per task through the evaluation harness: greedy, or `spec.sampled_n` samples per
     problem at `spec.sampled_temperature` (avg@n pass@1)."""
     from thinkforge.engine.base import SamplingParams, get_backend
@@ -279,7 +302,7 @@ def evaluate_stage(model_dir: str, spec: EvalSpec, out_dir: Path, seed: int, dev
             if sampled and spec.sampled_problems:
                 problems = problems[: spec.sampled_problems]
             summary = evaluate(task, backend, params, problems=problems, output_dir=out_dir, seed=seed,
-                               config={"model": model_dir, "task": name})
+                               config={"model": model_dir, "task": name, **({"stage_hash": key} if key else {})})
             out[name] = summary["accuracy"]
         return out
     finally:

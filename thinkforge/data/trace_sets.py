@@ -10,6 +10,7 @@ tasks' held-out sets), and writes nested sets: the N-trace set is the first N of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -64,7 +65,10 @@ def build_trace_sets(cfg: TraceSetsConfig, progress: Any = None) -> dict[str, An
                                 seed=cfg.seed))
     verified = [json.loads(line) for line in (out / "verified.jsonl").read_text().splitlines() if line.strip()]
     by_task: dict[str, list[dict[str, Any]]] = {t: [] for t in cfg.tasks}
-    for row in verified:  # curate writes rows sorted by problem id (a hash): a fixed, unbiased order
+    # Curate writes rows sorted by problem id, and ids lead with the difficulty ("arith/L1/..."): the first N
+    # would all be the easiest level. A seeded hash of the id is a fixed order that is blind to difficulty.
+    verified.sort(key=lambda r: hashlib.sha256(f"{cfg.seed}:{r['problem_id']}".encode()).hexdigest())
+    for row in verified:
         by_task.setdefault(row["task"], []).append(row)
     files: dict[str, str] = {}
     for size in sorted(set(cfg.sizes)):
