@@ -40,6 +40,19 @@ class RFTConfig:
     device: str = "auto"
 
 
+def weights_tag(model_dir: str) -> str:
+    """A short digest of a checkpoint's weight files (a hub id without local files: of the id)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
+    for f in files:
+        digest.update(f.read_bytes())
+    if not files:
+        digest.update(model_dir.encode())
+    return digest.hexdigest()[:12]
+
+
 def draws_for_distinct(task_name: str, distinct: int, seed: int) -> int:
     """How many train draws hold `distinct` distinct problems. Synthetic train draws repeat problems and
     distill asks each once, so asking for `distinct` draws would sample fewer completions than the budget."""
@@ -69,16 +82,19 @@ def rft(cfg: RFTConfig, progress: Any = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     drawn = 0
+    # Samples are named by the weights they came from: a retrained model in the same directory never resumes
+    # into the previous model's samples.
+    tag = weights_tag(cfg.model)
     for task in cfg.tasks:  # one distill file per task: each task has its own budget
         limit = draws_for_distinct(task, math.ceil(cfg.completions_per_task[task] / cfg.samples_per_problem),
                                    cfg.seed + 1)
         dist = distill(DistillConfig(teacher=cfg.model, backend="native", tasks=[task], n=cfg.samples_per_problem,
-                                     out=str(out / f"samples-{task}.jsonl"), split="train", limit=limit,
+                                     out=str(out / f"samples-{task}-{tag}.jsonl"), split="train", limit=limit,
                                      temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed + 1,
                                      device=cfg.device, dtype="float32"), progress)
         drawn += dist["totals"]["rows"]
     merged = out / "samples.jsonl"
-    merged.write_text("".join((out / f"samples-{t}.jsonl").read_text() for t in cfg.tasks))
+    merged.write_text("".join((out / f"samples-{t}-{tag}.jsonl").read_text() for t in cfg.tasks))
     try:
         stats = curate(CurateConfig(traces=str(merged), out=str(out / "verified.jsonl"),
                                     max_per_problem=cfg.max_per_problem, near_dup_threshold=cfg.near_dup_threshold,
