@@ -175,11 +175,12 @@ def test_lora_with_gradient_checkpointing_merges_into_plain_checkpoint(tiny_chec
 
     out = tmp_path / "lora"
     summary = sft(small(tiny_checkpoint, data_file, out, steps=6, lora_r=4, lr=1e-2, gradient_checkpointing=True,
-                        tensorboard=True))
+                        tensorboard=True, eval_every=1))
     assert (out / "adapter" / "adapter_config.json").exists()
     assert list((out / "tb").iterdir())  # tensorboard events
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["loss"] < rows[0]["loss"]
+    # the adapters learn: the same held-out examples' loss falls (step losses differ by batch, so they can't say)
+    assert rows[-1]["heldout_loss"] < rows[0]["heldout_loss"]
     merged = AutoModelForCausalLM.from_pretrained(summary["model_dir"])
     base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     changed = [n for n, p in merged.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
