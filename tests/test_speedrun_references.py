@@ -159,3 +159,16 @@ def test_rft_asks_for_enough_draws_to_spend_the_budget():
     limit = draws_for_distinct("arith", 2000, seed=1)
     ids = [p.id for p in get_task("arith").problems("train", n=limit, seed=1)]
     assert len(set(ids)) == 2000 and len(set(ids[:-1])) == 1999 and limit > 2000
+
+
+def test_rl_redoes_the_evals_of_an_earlier_run_in_its_directory(tmp_path):
+    """A fresh RL run in a directory an earlier run finished in must not resume into that run's held-out evals
+    (the first full fewtrace run reported the old model's eval curve); a resumed run keeps those up to its step."""
+    from thinkforge.train.rl import drop_evals_after
+
+    for step in (0, 20, 40):
+        (tmp_path / "eval" / f"step{step}" / "arith").mkdir(parents=True)
+    drop_evals_after(tmp_path, 20)
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["step0", "step20"]
+    drop_evals_after(tmp_path, 0)
+    assert not list((tmp_path / "eval").iterdir())

@@ -183,6 +183,16 @@ def evaluate_heldout(engine: Any, cfg: RLConfig, out_dir: Path, step: int) -> di
     return acc
 
 
+def drop_evals_after(out_dir: Path, step: int) -> None:
+    """Removes held-out evals a run starting at `step` will redo: those past it (a killed run's), and on a fresh
+    start every one (a finished earlier run's in the same directory, which the harness would resume into)."""
+    import shutil
+
+    for d in (out_dir / "eval").glob("step*") if (out_dir / "eval").is_dir() else []:
+        if d.name[4:].isdigit() and (step == 0 or int(d.name[4:]) > step):
+            shutil.rmtree(d)
+
+
 # ---------------------------------------------------------------------------------------- the loop
 def _train_problems(cfg: RLConfig) -> tuple[list[Any], dict[str, Any]]:
     from thinkforge.tasks import get_task
@@ -442,6 +452,7 @@ def _run(cfg: RLConfig, progress: Any, trainer: Any, tokenizer: Any, sampler: An
         max_slots_factor=cfg.max_slots_factor, system_prompt=cfg.system_prompt, reward_lag=cfg.reward_lag,
         filter_degenerate=cfg.dynamic_sampling, max_staleness=cluster.max_staleness))
     rollout.valid_ratio = state.get("valid_ratio", rollout.valid_ratio)
+    drop_evals_after(out_dir, state["step"])
     log = MetricLog(out_dir, resume_step=state["step"])
     trim_steps(out_dir / "rollouts.jsonl", state["step"])
     t0 = time.time() - state["elapsed"]
