@@ -21,11 +21,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from thinkforge.data.distill import DistillConfig, distill, repair_tail, summary_path
+from thinkforge.engine.testing import serve_in_thread
 from thinkforge.errors import ThinkforgeError
 
 EXPR = re.compile(r"Compute (.*)\.$")
@@ -97,20 +97,6 @@ def make_app(t: Teacher) -> FastAPI:
                 "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
 
     return app
-
-
-def serve_in_thread(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline
-        time.sleep(0.02)
-    return srv, thread, f"http://127.0.0.1:{port}/v1"
 
 
 @pytest.fixture()

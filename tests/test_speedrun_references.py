@@ -4,14 +4,11 @@ graph's cache (a changed reference row reruns alone)."""
 
 import json
 import re
-import socket
-import threading
-import time
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 
+from thinkforge.engine.testing import serve_in_thread
 from thinkforge.errors import ThinkforgeError
 
 EXPR = re.compile(r"Compute (.*)\.$")
@@ -43,18 +40,8 @@ def scripted_teacher_app(calls: list[str]) -> FastAPI:
 
 @pytest.fixture(scope="module")
 def teacher_url():
-    calls: list[str] = []
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(scripted_teacher_app(calls), host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}/v1"
+    srv, thread, url = serve_in_thread(scripted_teacher_app([]))
+    yield url
     srv.should_exit = True
     thread.join(timeout=10)
 

@@ -8,6 +8,7 @@ saved as an ordinary HF directory, so every code path (loading, chat template, e
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -74,3 +75,27 @@ def save_tiny_checkpoint(out_dir: str | Path, *, vocab_size: int = 512, seed: in
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def serve_in_thread(app: Any, timeout_s: float = 30.0) -> tuple[Any, Any, str]:
+    """Runs an ASGI app with uvicorn on a free loopback port in a daemon thread; returns (server, thread,
+    base URL ending in /v1). Stop it with `server.should_exit = True; thread.join()`."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + timeout_s
+    while not srv.started:
+        if time.time() > deadline:
+            raise TimeoutError(f"uvicorn did not start within {timeout_s} s")
+        time.sleep(0.02)
+    return srv, thread, f"http://127.0.0.1:{port}/v1"
+
