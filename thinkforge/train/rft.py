@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from thinkforge.errors import ThinkforgeError
-from thinkforge.utils import asdict, atomic_write_json, run_metadata
+from thinkforge.utils import asdict, atomic_write_json, atomic_write_text, run_metadata
 
 
 @dataclass
@@ -94,7 +94,7 @@ def rft(cfg: RFTConfig, progress: Any = None) -> dict[str, Any]:
                                      device=cfg.device, dtype="float32"), progress)
         drawn += dist["totals"]["rows"]
     merged = out / "samples.jsonl"
-    merged.write_text("".join((out / f"samples-{t}-{tag}.jsonl").read_text() for t in cfg.tasks))
+    atomic_write_text(merged, "".join((out / f"samples-{t}-{tag}.jsonl").read_text() for t in cfg.tasks))
     try:
         stats = curate(CurateConfig(traces=str(merged), out=str(out / "verified.jsonl"),
                                     max_per_problem=cfg.max_per_problem, near_dup_threshold=cfg.near_dup_threshold,
