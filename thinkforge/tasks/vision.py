@@ -258,3 +258,7 @@ class CaptionTask(VisionTask):
 
 
 VISION_TASKS = ("vl_count", "vl_ground", "vl_point", "vl_digits", "vl_chart", "vl_compare", "vl_caption")
+
+# The hub vision benchmarks, and the hf-vl backend `thinkforge eval --backend hf-vl` runs every VL task with.
+import thinkforge.vl.backend  # noqa: E402,F401
+from thinkforge.tasks import vision_bench  # noqa: E402,F401
