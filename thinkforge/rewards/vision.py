@@ -1,6 +1,6 @@
 """Rewards for the visual tasks, MiMo-VL's router table: GIoU for boxes, point-in-box for points, exact
 match for counts and chart values, token F1 for captions (math-verify covers the digit arithmetic through
-the built-in `math` reward). All in [0, 1].
+the built-in `math` reward), and a Bradley-Terry reward model for preference (`bt_preference`). All in [0, 1].
 
 Boxes are [x1, y1, x2, y2] in pixels of the image the model sees (after `smart_resize`); a gold box that
 is malformed or outside its image is bad data and raises (the router records it as a reward error), a
@@ -128,8 +128,38 @@ class CaptionReward:
         return RewardResult(f1, ok, "correct" if ok else "partial" if f1 else "wrong_answer")
 
 
+BT_ENV = "THINKFORGE_BT_REWARD_MODEL"
+
+
+@register_reward("bt_preference")
+class BTPreferenceReward:
+    """A Bradley-Terry reward model's sigmoid(score) in (0, 1) (`thinkforge.vl.reward_model`, trained by
+    `thinkforge.train.reward_model`): MiMo-VL's human-preference reward, for tasks without a verifier (kind
+    "preference") or mixed with a verifiable reward in a route. `path`: the checkpoint directory (route or
+    `reward_options` option), else $THINKFORGE_BT_REWARD_MODEL. `correct` is sigmoid(score) >= `threshold`."""
+
+    def __init__(self, path: str | None = None, device: str = "cpu", threshold: float = 0.5) -> None:
+        import os
+
+        from thinkforge.errors import ThinkforgeError
+        from thinkforge.vl.reward_model import load_bt
+
+        path = path or os.environ.get(BT_ENV)
+        if not path:
+            raise ThinkforgeError(f"reward bt_preference: no reward model; give the option path=<dir> (in the route "
+                                  f"or reward_options) or set {BT_ENV}")
+        self.path, self.threshold = str(path), threshold
+        self.model = load_bt(path, device)
+
+    def __call__(self, problem: Problem, response: str) -> RewardResult:
+        r = self.model.reward(problem.prompt, response, problem.meta.get("images", []), f"problem {problem.id}")
+        ok = r >= self.threshold
+        return RewardResult(r, ok, "preferred" if ok else "dispreferred", {"bt_reward": r})
+
+
 # Task kind -> reward, beside the text kinds (math / code / choice).
-KIND_DEFAULTS.update({"vl_exact": "vl_exact", "box": "giou", "point": "point_in_box", "caption": "caption_f1"})
+KIND_DEFAULTS.update({"vl_exact": "vl_exact", "box": "giou", "point": "point_in_box", "caption": "caption_f1",
+                      "preference": "bt_preference"})
 
 
 def as_score(result: RewardResult) -> Any:

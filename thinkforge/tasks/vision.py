@@ -257,6 +257,20 @@ class CaptionTask(VisionTask):
         return json.dumps([kind, color, boxes]), [img], "Describe the image.", caption, caption, {}
 
 
+@register_task("vl_describe")
+class DescribeTask(CaptionTask):
+    """Open-ended description, MiMo-VL's human-preference data in miniature: no verifier, scored by the
+    Bradley-Terry reward model (kind "preference" -> `bt_preference`; it needs a trained model, see
+    `thinkforge.train.reward_model`). The reference caption is the teacher solution."""
+
+    kind = "preference"
+    reward_name = "bt_preference"
+
+    def draw(self, rng: random.Random, level: int) -> tuple[str, list[Any], str, str, str, dict[str, Any]]:
+        key, images, _, answer, solution, meta = super().draw(rng, level)
+        return key, images, "Describe the image in a few words.", answer, solution, meta
+
+
 VISION_TASKS = ("vl_count", "vl_ground", "vl_point", "vl_digits", "vl_chart", "vl_compare", "vl_caption")
 
 # The hub vision benchmarks, and the hf-vl backend `thinkforge eval --backend hf-vl` runs every VL task with.
