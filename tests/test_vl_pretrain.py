@@ -109,3 +109,44 @@ def test_rerun_skips_finished_stages(run):
     cfg, result = run
     again = vl_pretrain(cfg)
     assert again["stages"] == result["stages"]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_batched_rows_keep_each_samples_own_mrope_positions_and_logits(padding_side):
+    """vl_pretrain pads rows (right; generation pads left) and does not pack: every row of a batch gets the 3D
+    MRoPE positions and the logits it gets alone (float64, so only the padding could make them differ)."""
+    from thinkforge.tasks import get_task
+    from thinkforge.train.vl_pretrain import collate, encode_example
+
+    tasks = [get_task(n) for n in ("vl_compare", "vl_count", "vl_caption")]
+    probs = [(t, p) for t in tasks for p in t.problems("train", n=1, seed=0)]
+    model, proc = build_tiny_vl([f"{p.prompt} {p.solution}" for _, p in probs], "micro", seed=0)
+    model = model.double().eval()
+    rows = [encode_example(proc, t, p, p.solution) for t, p in probs]
+    text_only = proc.encode_chat([{"role": "user", "content": "no image"}])
+    rows.append(type(rows[0])(proc.extend(text_only, [5, 6]), [-100] * text_only.length + [5, 6]))
+    lengths = [r.enc.length for r in rows]
+    assert len(set(lengths)) == len(lengths)  # different lengths: real padding in the batch
+    if padding_side == "right":
+        batch = collate(proc, rows, "cpu")  # the trainer's own collate
+    else:
+        batch = proc.collate([r.enc for r in rows], padding_side="left")
+    width = batch["input_ids"].shape[1]
+    rope = model.model.get_rope_index
+    pos, _ = rope(batch["input_ids"], batch["mm_token_type_ids"], batch.get("image_grid_thw"),
+                  attention_mask=batch["attention_mask"])
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    for i, r in enumerate(rows):
+        alone = proc.collate([r.enc])
+        alone_pos, _ = rope(alone["input_ids"], alone["mm_token_type_ids"], alone.get("image_grid_thw"),
+                            attention_mask=alone["attention_mask"])
+        real = slice(0, r.enc.length) if padding_side == "right" else slice(width - r.enc.length, width)
+        assert torch.equal(pos[:, i, real], alone_pos[:, 0])
+        if r.enc.image_grid_thw is not None:  # image tokens: time constant, height/width over the merged grid
+            img = torch.tensor(r.enc.mm_token_type_ids, dtype=torch.bool)
+            assert len(set(alone_pos[1, 0, img].tolist())) > 1 and len(set(alone_pos[2, 0, img].tolist())) > 1
+        with torch.no_grad():
+            ref = model(**alone).logits[0]
+        scale = ref.abs().max()
+        assert (logits[i, real] - ref).abs().max() <= 1e-9 * scale
