@@ -55,3 +55,35 @@ def test_chat_with_a_base64_png_and_bad_images_are_400s(client):
         assert err.value.body["param"] == "messages" and "\n" not in err.value.body["message"]
     again = client.chat.completions.create(model="vl", messages=_msg(png), max_tokens=6, temperature=0)
     assert again.choices[0].message.content == r.choices[0].message.content  # still serving, same greedy answer
+
+
+def test_image_sizes_and_missing_images_are_400s_and_the_server_keeps_serving(client):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from thinkforge.vl.images import DEFAULT_MAX_PIXELS
+
+    def url(w: int, h: int) -> str:
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), "white").save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    side = int(DEFAULT_MAX_PIXELS ** 0.5) + 28  # one row of merged patches past the cap on each side
+    cases = [
+        (_msg(url(20, 112)), "image is 20x112; both sides must be >= 28"),
+        (_msg(url(side, side)), f"above the pixel cap {DEFAULT_MAX_PIXELS}"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}, {"type": "text", "text": "hi"}]}],
+         "image_url without a url"),
+        ([{"role": "user", "content": "<image> How many?"}], "1 image placeholders but 0 images"),
+        (_msg("data:image/png;base64,not base64!"), "not valid base64"),
+    ]
+    for messages, message in cases:
+        with pytest.raises(openai.BadRequestError, match=message) as err:
+            client.chat.completions.create(model="vl", messages=messages, max_tokens=2)
+        assert err.value.status_code == 400 and "\n" not in err.value.body["message"]
+        where = "request: " if "placeholder" in message else "request.messages[0].content[0]"
+        assert err.value.body["param"] == "messages" and err.value.body["message"].startswith(where)
+    ok = client.chat.completions.create(model="vl", messages=_msg(url(56, 56)), max_tokens=3, temperature=0)
+    assert ok.choices[0].finish_reason in ("stop", "length") and ok.usage.prompt_tokens > 4  # 56 px: 4 image tokens

@@ -112,3 +112,33 @@ def test_counting_and_caption_scores():
     assert token_f1("2 blue squares", "2 red squares") == pytest.approx(2 / 3)
     cap = get_task("vl_caption").problems("heldout", n=1)[0]
     assert get_reward("caption_f1")(cap, "nothing alike").reward == 0.0
+
+
+def test_bad_images_in_a_problem_are_one_line_errors_naming_the_problem():
+    from thinkforge.train.vl_pretrain import encode_example
+    from thinkforge.vl.model import build_tiny_vl
+
+    _, proc = build_tiny_vl(["How many shapes?"], "micro", seed=0)
+    task = get_task("vl_count")
+    p = task.problems("heldout", n=1)[0]
+    tiny = io.BytesIO()
+    Image.new("RGB", (112, 20), "white").save(tiny, format="PNG")
+    cases = [
+        (["AAAA"], "corrupt or non-image bytes"),
+        ([base64.b64encode(tiny.getvalue()).decode()], "image is 112x20; both sides must be >= 28"),
+        ([], "1 image placeholders but 0 images"),  # the prompt's image part lost its image
+        ([p.meta["images"][0]] * 2, "2 image placeholders but 1 images"),
+    ]
+    for images, message in cases:
+        bad = dataclasses.replace(p, meta={**p.meta, "images": images})
+        if len(images) == 2:  # more placeholders than images: two parts, then one image dropped by the caller
+            msgs = task.messages(bad)
+            with pytest.raises(ThinkforgeError, match=message) as err:
+                proc.encode_chat(msgs, images[:1], where=f"problem {p.id}")
+        elif not images:
+            with pytest.raises(ThinkforgeError, match=message) as err:
+                proc.encode_chat(task.messages(p), [], where=f"problem {p.id}")
+        else:
+            with pytest.raises(ThinkforgeError, match=message) as err:
+                encode_example(proc, task, bad, bad.solution)
+        assert str(err.value).startswith(f"problem {p.id}") and "\n" not in str(err.value)
