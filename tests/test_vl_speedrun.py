@@ -11,7 +11,7 @@ from thinkforge.utils import read_jsonl
 def test_vl_smoke_runs_every_stage_and_writes_the_report(tmp_path):
     cfg = load_vl_speedrun_config("vl-smoke", {"out_dir": str(tmp_path / "run"), "device": "cpu", "eval_problems": 2,
                                                "eval_tasks": ["vl_count", "vl_ground"], "rl.steps": 1,
-                                               "rl.tasks": ["vl_count", "vl_ground"],
+                                               "rl.tasks": ["vl_count", "vl_caption"],
                                                "pretrain.problems_per_task": 6, "rl.problems_per_task": 4,
                                                "eval_max_tokens": 8, "rl.max_tokens": 8, "rl.eval_max_tokens": 8,
                                                "rl.eval_problems": 1, "rl.max_slots_factor": 1.0})
@@ -27,4 +27,11 @@ def test_vl_smoke_runs_every_stage_and_writes_the_report(tmp_path):
     assert on_disk["stages"].keys() == report["stages"].keys()
     assert "| morl |" in (tmp_path / "run" / "report.md").read_text()
     rows = read_jsonl(tmp_path / "run" / "morl" / "metrics.jsonl")
-    assert any("reward/vl_count" in r for r in rows)
+    assert any("reward/vl_count" in r for r in rows) and any("reward/vl_caption" in r for r in rows)
+    # The Bradley-Terry reward model trained first and reached MORL's caption route through reward_options.
+    rm = report["reward_model"]
+    assert 0.0 <= rm["heldout_pair_accuracy"]["all"] <= 1.0 and rm["heldout_pairs"] > 0
+    morl = json.loads((tmp_path / "run" / "morl" / "summary.json").read_text())["config"]
+    assert morl["reward_options"]["bt_preference"]["path"] == rm["model_dir"]
+    assert [r["name"] for r in morl["rewards"]["vl_caption"]] == ["caption_f1", "bt_preference"]
+    assert "Bradley-Terry reward model" in (tmp_path / "run" / "report.md").read_text()

@@ -4,7 +4,10 @@ tiny Qwen2.5-VL from config -> four-stage VL pretraining (`thinkforge.train.vl_p
 (`thinkforge.train.rl` on the VL checkpoint: fully on-policy GRPO, the per-task reward router, dynamic
 sampling and the easy pool), with held-out greedy accuracy per task after every stage (counting exact
 match, grounding Acc@0.5, point-in-box, digits via math-verify, charts, two-image comparison, caption
-exact match). Writes `report.json` and `report.md`. Finished stages are reused on a rerun (pretraining
+exact match). With a `reward_model` section, a Bradley-Terry reward model (`thinkforge.train.reward_model`) is
+trained first and handed to the `bt_preference` reward, which the rl section's routes mix in (MiMo-VL's
+preference reward beside the verifiable ones); its held-out pairwise accuracy goes in the report. Writes
+`report.json` and `report.md`. Finished stages are reused on a rerun (pretraining
 skips its finished stages; RL resumes from its checkpoint), and evaluations already written are reused.
 """
 
@@ -36,6 +39,9 @@ class VLSpeedrunConfig:
     device: str = "auto"
     pretrain: dict = field(default_factory=dict)  # VLPretrainConfig fields
     rl: dict | None = None  # RLConfig fields; the MORL stage runs when present
+    # RewardModelConfig fields: a Bradley-Terry reward model trained before MORL when present; its path goes
+    # to the `bt_preference` reward (rl.reward_options), which the rl section's routes can mix in.
+    reward_model: dict | None = None
     eval_tasks: list[str] = field(default_factory=lambda: list(EVAL_TASKS))
     eval_problems: int = 50  # held-out problems per task and stage
     eval_max_tokens: int = 48
@@ -48,7 +54,7 @@ def load_vl_speedrun_config(preset: str, overrides: dict[str, Any]) -> VLSpeedru
     cfg = build_config(VLSpeedrunConfig, load_yaml(resolve_recipe(name)), f"speedrun preset {preset!r}")
     for key, value in overrides.items():  # "pretrain.batch_size=8" reaches into a section
         section, _, sub = key.partition(".")
-        if sub and section in ("pretrain", "rl"):
+        if sub and section in ("pretrain", "rl", "reward_model"):
             if getattr(cfg, section) is None:
                 setattr(cfg, section, {})
             getattr(cfg, section)[sub] = value
@@ -75,6 +81,20 @@ def evaluate_vl(model_dir: str, cfg: VLSpeedrunConfig, out_dir: Path) -> dict[st
     return acc
 
 
+def train_bt(cfg: VLSpeedrunConfig, out_dir: Path) -> dict[str, Any]:
+    """The Bradley-Terry reward model (reused when a finished one is there)."""
+    import json
+
+    from thinkforge.train.reward_model import RewardModelConfig, train_reward_model
+
+    done = out_dir / "summary.json"
+    if done.exists() and (out_dir / "model" / "model.safetensors").exists():
+        return json.loads(done.read_text())
+    rm_cfg = build_config(RewardModelConfig, {"seed": cfg.seed, **(cfg.reward_model or {}), "out_dir": str(out_dir)},
+                          "speedrun reward_model")
+    return train_reward_model(rm_cfg)
+
+
 def run_vl_speedrun(cfg: VLSpeedrunConfig, progress: Any = None) -> dict[str, Any]:
     from thinkforge.train.rl import RLConfig, rl
     from thinkforge.train.vl_pretrain import VLPretrainConfig, vl_pretrain
@@ -92,10 +112,20 @@ def run_vl_speedrun(cfg: VLSpeedrunConfig, progress: Any = None) -> dict[str, An
         stages[s["stage"]] = {"model_dir": s["model_dir"], "accuracy": acc, "train_wall_s": s["wall_s"],
                               "eval_wall_s": round(time.time() - t, 2), "trainable_params": s["trainable_params"],
                               "dropped_overlong": s["dropped_overlong"], "final_loss": round(s["final_loss"], 4)}
+    reward_options: dict[str, Any] = {}
+    reward_model = None
+    if cfg.reward_model is not None:
+        rm = train_bt(cfg, out / "reward_model")
+        reward_model = {"model_dir": rm["model_dir"], "train_wall_s": rm["wall_s"], "parameters": rm["parameters"],
+                        "heldout_pair_accuracy": rm["heldout_accuracy"], "heldout_pairs": rm["heldout_pairs"]}
+        reward_options = {"bt_preference": {"path": rm["model_dir"]}}
     if cfg.rl is not None:
+        options = {**(cfg.rl.get("reward_options") or {})}
+        for name, opts in reward_options.items():
+            options[name] = {**opts, **options.get(name, {})}
         rl_cfg = build_config(RLConfig, {"seed": cfg.seed, "device": cfg.device, "tasks": list(cfg.eval_tasks),
-                                         "on_policy": True, **cfg.rl, "model": pre["model_dir"],
-                                         "out_dir": str(out / "morl")}, "speedrun rl")
+                                         "on_policy": True, **cfg.rl, "reward_options": options,
+                                         "model": pre["model_dir"], "out_dir": str(out / "morl")}, "speedrun rl")
         summary = rl(rl_cfg, progress)
         t = time.time()
         stages["morl"] = {"model_dir": summary["model_dir"], "accuracy": evaluate_vl(summary["model_dir"], cfg,
@@ -105,6 +135,7 @@ def run_vl_speedrun(cfg: VLSpeedrunConfig, progress: Any = None) -> dict[str, An
     model, _ = load_vl(pre["model_dir"], device="cpu", dtype="float32")
     report = {"stages": stages, "model": {"architecture": "Qwen2_5_VLForConditionalGeneration",
                                           **module_parameters(model)},
+              **({"reward_model": reward_model} if reward_model else {}),
               "total_wall_s": round(time.time() - t0, 1), **run_metadata(asdict(cfg), cfg.seed)}
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
@@ -123,5 +154,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     for name, s in report["stages"].items():
         cells = [f"{100 * s['accuracy'][t]:.1f}%" if t in s["accuracy"] else "-" for t in tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['train_wall_s']} |")
+    rm = report.get("reward_model")
+    if rm:
+        per_kind = ", ".join(f"{k} {100 * v:.1f}%" for k, v in rm["heldout_pair_accuracy"].items() if k != "all")
+        lines += ["", f"Bradley-Terry reward model (`bt_preference`): held-out pairwise accuracy "
+                      f"{100 * rm['heldout_pair_accuracy']['all']:.1f}% on {rm['heldout_pairs']} pairs ({per_kind}); "
+                      f"trained in {rm['train_wall_s']} s."]
     lines += ["", f"Total wall time: {report['total_wall_s']} s.", ""]
     return "\n".join(lines)
