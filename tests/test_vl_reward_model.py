@@ -121,3 +121,20 @@ def test_checkpoint_round_trip_and_bad_checkpoints(trained, tmp_path, monkeypatc
     monkeypatch.delenv("THINKFORGE_BT_REWARD_MODEL", raising=False)
     with pytest.raises(ThinkforgeError, match="no reward model; give the option path="):
         get_reward("bt_preference")
+
+
+def test_cli_trains_a_loadable_model_and_refuses_unknown_tasks(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "thinkforge.cli", "reward-model", "--out", str(tmp_path / "rm"), "--steps", "20",
+           "--device", "cpu", "--set", "train_problems=40", "--set", "heldout_problems=10"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "held-out pairwise accuracy" in proc.stdout and str(tmp_path / "rm" / "model") in proc.stdout
+    assert load_bt(tmp_path / "rm" / "model").spec.buckets == 256
+    summary = json.loads((tmp_path / "rm" / "summary.json").read_text())
+    assert summary["config"]["steps"] == 20 and summary["train_pairs"] == 160
+    bad = subprocess.run(cmd[:5] + [str(tmp_path / "bad"), "--tasks", "vl_nope"], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown task 'vl_nope'")
