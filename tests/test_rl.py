@@ -228,3 +228,13 @@ def test_cli_reports_bad_input(micro, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "thinkforge.cli", "rl", "--model", micro, "--tasks", "nosuch",
                           "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, env=env)
     assert bad.returncode == 2 and "unknown task 'nosuch'" in bad.stderr
+    # Issue 14: RL on a task with no answer-only train problems (a benchmark has a test split only; a difficulty
+    # no train problem has) stops with one line before any compute, never trains on the test or on nothing.
+    for args, expect in ((["--tasks", "gsm8k"], "rl: task 'gsm8k' has no answer-only train problems: it has no "
+                                                "'train' split"),
+                         (["--tasks", "code", "--set", "difficulty=0"], "rl: task 'code' has no answer-only train "
+                                                                        "problems at difficulty 0")):
+        bad = subprocess.run([sys.executable, "-m", "thinkforge.cli", "rl", "--model", micro, *args,
+                              "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, env=env)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and expect in lines[0], bad.stderr

@@ -201,9 +201,26 @@ def _train_problems(cfg: RLConfig) -> tuple[list[Any], dict[str, Any]]:
     for name in cfg.tasks:
         task = get_task(name)
         tasks[name] = task
+        # RL trains on problems that carry only a checkable answer (or tests): a benchmark's test split is
+        # never one, and a pool with nothing to check would train on rewards that are all 0.
         if "train" not in task.splits:
-            raise ThinkforgeError(f"rl: task {name!r} has no 'train' split (splits: {', '.join(task.splits)})")
-        problems += task.problems("train", n=cfg.problems_per_task, seed=cfg.seed, difficulty=cfg.difficulty)
+            raise ThinkforgeError(f"rl: task {name!r} has no answer-only train problems: it has no 'train' split "
+                                  f"(splits: {', '.join(task.splits)}); RL on a test split would train on the test")
+        try:
+            pool = task.problems("train", n=cfg.problems_per_task, seed=cfg.seed, difficulty=cfg.difficulty)
+        except ValueError as exc:  # a task that cannot draw the pool says why
+            pool, why = [], f": {exc}"
+        else:
+            why = ""
+        if not pool:
+            at = f" at difficulty {cfg.difficulty}" if cfg.difficulty is not None else ""
+            raise ThinkforgeError(f"rl: task {name!r} has no answer-only train problems{at} "
+                                  f"(problems_per_task={cfg.problems_per_task}){why}")
+        unchecked = next((p for p in pool if not p.answer and not p.tests), None)
+        if unchecked is not None:
+            raise ThinkforgeError(f"rl: task {name!r} train problem {unchecked.id} has neither an answer nor tests "
+                                  "to reward")
+        problems += pool
     return problems, tasks
 
 
