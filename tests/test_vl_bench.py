@@ -188,6 +188,7 @@ def test_mathvista_charxiv_countbench_rows_map_to_problems(tmp_path):
     choice, free = mv.problems()
     assert choice.answer == "B" and choice.meta["answer_text"] == "4" and mv.score(choice, "\\boxed{B}").correct
     assert "(unit: m)" in free.prompt and mv.score(free, "so \\boxed{1.5}").correct
+    assert mv.score(free, "\\boxed{1.52}").correct and not mv.score(free, "\\boxed{1.56}").correct  # precision 1
     assert not mv.score(free, "\\boxed{2}").correct and mv.score(free, "no box").reason == "no_answer"
 
     cx_features = {"image": "image", "category": V("string"), "original_id": V("string"), "figure_path": V("string"),

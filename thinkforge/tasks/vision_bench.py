@@ -335,6 +335,17 @@ class MathVista(VisionBenchmark):
     def score(self, problem: Problem, response: str) -> Score:
         if problem.meta.get("question_type") == "multi_choice":
             return score_choice(problem, response)
+        precision = problem.meta.get("precision")
+        if problem.meta.get("answer_type") == "float" and precision is not None:
+            # MathVista's own rule: the prediction rounded to the answer's `precision` decimals
+            from thinkforge.verify import extract_boxed
+
+            got = extract_boxed(response) if response else None
+            try:
+                ok = round(float(str(got).strip()), int(precision)) == round(float(problem.answer), int(precision))
+            except (TypeError, ValueError):
+                return score_free(problem, response)
+            return Score(ok, float(ok), "correct" if ok else "wrong_answer", got)
         return score_free(problem, response)
 
 
