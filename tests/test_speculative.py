@@ -246,3 +246,96 @@ def test_sampling_distribution_chi2_helper_is_sound():
     draws = torch.multinomial(torch.tensor(list(probs.values())), 3000, replacement=True, generator=g).tolist()
     keys = list(probs)
     assert chi2_pvalue(Counter(keys[i] for i in draws), probs, 3000) > 1e-3
+
+
+def exact_joint_pruned(model, prompt, temperature, depth, keep=1e-3):
+    """P(x1..x_depth) at `temperature` (full vocabulary) for every prefix whose probability stays >= `keep`;
+    the pruned rest is left out (the chi-square helper lumps it into one remainder cell)."""
+    out = {(): 1.0}
+    for _ in range(depth):
+        seqs = [s for s, p in out.items() if p >= keep]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + list(s) for s in seqs])).logits[:, -1].float()
+        probs = torch.softmax(logits / temperature, dim=-1)
+        out = {s + (t,): out[s] * float(p[t]) for s, p in zip(seqs, probs, strict=True) for t in range(p.numel())}
+    return out
+
+
+def test_sampling_at_t1_full_vocab_keeps_the_distribution(model, tok):
+    """T = 1, no top-k/top-p (what RL rollouts use), k = 2: tokens 2-3 come from one verify round. Their joint
+    with token 1 follows the main model's distribution (chi-square over every 3-token outcome of probability
+    >= 5 / n, the rest in one cell), and the same draws clearly fail against T = 0.8."""
+    prompt = counting(23, 5)
+    params = SamplingParams(temperature=1.0, max_tokens=3, n=3000, seed=321)
+    engine = LLMEngine(model, tok, max_batch_size=500, speculative="mtp", num_draft=2)
+    (group,) = engine.generate([prompt], params)
+    counts = Counter(tuple(c.token_ids) for c in group)
+    m = engine.speculator.metrics()
+    assert 0.2 < m["acceptance"][0] < 0.95, m["acceptance"]  # both accepted drafts and residual draws
+    assert m["acceptance"][1] > 0.05  # the second draft position is exercised too
+    assert chi2_pvalue(counts, exact_joint_pruned(model, prompt, 1.0, 3), len(group)) > 1e-3
+    assert chi2_pvalue(counts, exact_joint_pruned(model, prompt, 0.8, 3), len(group)) < 1e-6
+
+
+def test_fallback_to_plain_decoding_above_spec_max_batch(model, tok):
+    """More running rows than spec_max_batch: the step decodes plain, rows in it stay plain until they finish,
+    greedy output is still plain greedy's, and the speculator reports the plain steps. A small batch on the
+    same engine speculates again."""
+    prompts = prompts_of(tok)[:5]
+    params = SamplingParams(temperature=0, max_tokens=20)
+    plain = LLMEngine(model, tok, max_batch_size=5)
+    spec = LLMEngine(model, tok, max_batch_size=5, speculative="mtp", num_draft=2, spec_max_batch=2)
+    ref = run(plain, prompts, params)
+    assert run(spec, prompts, params) == ref
+    m = spec.speculator.metrics()
+    assert m["spec_max_batch"] == 2 and m["verify_forwards"] == 0  # 5 rows > 2: every step plain
+    assert m["fallback_steps"] == spec.stats["decode_forwards"] == plain.stats["decode_forwards"]
+    assert m["fallback_row_steps"] >= m["fallback_steps"] and m["fallback_s"] > 0
+
+    spec.speculator.reset_metrics()
+    assert run(spec, prompts[:2], params) == ref[:2]  # 2 rows: speculates
+    m = spec.speculator.metrics()
+    assert m["fallback_steps"] == 0 and m["verify_forwards"] > 0 and m["round_s"] >= m["verify_s"] + m["draft_s"]
+
+
+def test_rows_admitted_into_a_speculating_batch_push_it_plain(model, tok):
+    """A speculating row whose batch grows past the threshold turns plain mid-sequence (and the newcomers are
+    plain from their first token); outputs equal plain decoding's, greedy and seeded sampling alike."""
+    for params in (SamplingParams(temperature=0, max_tokens=24), SamplingParams(temperature=1.0, max_tokens=24, seed=5)):
+        outs = []
+        for kw in ({}, {"speculative": "mtp", "num_draft": 2, "spec_max_batch": 1}):
+            eng = LLMEngine(model, tok, max_batch_size=4, **kw)
+            first = eng.add_request(counting(2, 6), params)
+            for _ in range(3):  # the first row alone: speculative rounds
+                eng.step()
+            rest = [eng.add_request(p, params) for p in (counting(9, 4), tok("x")["input_ids"])]
+            while eng.has_unfinished():
+                eng.step()
+            outs.append([[c.token_ids for c in eng._pop_outputs(r)] for r in [first, *rest]])
+            if kw:
+                m = eng.speculator.metrics()
+                assert m["verify_forwards"] == 3 and m["fallback_steps"] > 0
+        if params.temperature == 0:
+            assert outs[0] == outs[1]
+        else:  # seeded rows draw from their own streams: the newcomers, plain throughout, draw the same tokens
+            assert outs[0][1:] == outs[1][1:]  # (the first row's speculative rounds use its stream differently)
+
+
+def test_spec_max_batch_must_be_non_negative(model, tok):
+    with pytest.raises(ThinkforgeError, match="spec_max_batch must be >= 0"):
+        LLMEngine(model, tok, speculative="mtp", num_draft=1, spec_max_batch=-1)
+
+
+def test_calibration_threshold_follows_the_margin(model, tok):
+    """The threshold is the largest batch size up to which every measured ratio reaches the margin; the
+    calibration measures a ratio per (k, batch size) with real engines."""
+    from thinkforge.engine.mtp_acceptance import calibrate_spec_max_batch, spec_max_batch_from
+
+    assert spec_max_batch_from({1: 1.5, 4: 1.2, 16: 0.9}, 1.05) == 4
+    assert spec_max_batch_from({1: 1.5, 4: 1.0, 16: 1.3}, 1.05) == 1  # only up to the first loss
+    assert spec_max_batch_from({1: 1.01, 16: 1.3}, 1.05) == 0
+    assert spec_max_batch_from({16: 1.3, 1: 1.5}, 1.05) == 16
+    cal = calibrate_spec_max_batch(model, tok, prompts_of(tok)[:2], [1, 2], [1, 2], SamplingParams(temperature=0,
+                                   max_tokens=6), repeats=1, margin=1e9)
+    assert cal["spec_max_batch"] == {1: 0, 2: 0}
+    assert set(cal["ratios"]) == {1, 2} and all(set(r) == {1, 2} and min(r.values()) > 0 for r in cal["ratios"].values())

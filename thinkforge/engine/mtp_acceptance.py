@@ -1,6 +1,7 @@
 """Acceptance of a checkpoint's MTP drafts on a set of prompts (the speedrun reports it).
 
-Kept apart from `thinkforge.engine.speculative` so that module never imports the engine that drives it
+Also the fallback threshold (`calibrate_spec_max_batch`). Kept apart from `thinkforge.engine.speculative` so that
+module never imports the engine that drives it
 (`LLMEngine` builds an `MTPSpeculator`; this helper builds an `LLMEngine`).
 """
 
@@ -26,3 +27,49 @@ def mtp_acceptance(model_dir: str, prompts: list[str], num_draft: int | None = N
     engine = LLMEngine(model, tokenizer, max_batch_size=max_batch_size, speculative=spec, num_draft=max(k, 1))
     engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens))
     return engine.speculator.metrics()
+
+
+def calibrate_spec_max_batch(model: Any, tokenizer: Any, prompts: list[Any], num_drafts: list[int],
+                             batches: list[int], params: SamplingParams, *, repeats: int = 2, margin: float = 1.05,
+                             seed: int = 0) -> dict[str, Any]:
+    """The fallback threshold `spec_max_batch` per draft count k, measured once on this machine: for each batch
+    size B (ascending), `prompts` go through a plain engine and one speculative engine per k in chunks of B,
+    every configuration back to back per chunk (the order alternating), `repeats` timed passes after one
+    untimed warm-up pass; ratio = speculative tokens/s over plain's (best pass each). A k's threshold is the
+    largest B up to which every measured ratio is >= `margin` (0: speculation never paid). A step of more
+    running rows than that decodes plain. `model` must carry its MTP layers (`prepare_speculative`)."""
+    import time
+
+    ks = sorted(set(num_drafts))
+    ratios: dict[int, dict[int, float]] = {k: {} for k in ks}
+    for B in sorted(set(batches)):
+        engines = {0: LLMEngine(model, tokenizer, max_batch_size=B, seed=seed)}
+        engines.update({k: LLMEngine(model, tokenizer, max_batch_size=B, seed=seed, speculative="mtp", num_draft=k)
+                        for k in ks})
+        order = list(engines)
+        chunks = [prompts[i:i + B] for i in range(0, len(prompts), B)]
+        best = dict.fromkeys(order, 0.0)  # tokens/s (sampled outputs differ in length between configurations)
+        for r in range(repeats + 1):  # pass 0 warms up (allocator, caches) and is not timed
+            wall, tokens = dict.fromkeys(order, 0.0), dict.fromkeys(order, 0)
+            for ci, chunk in enumerate(chunks):
+                for k in (order if (r + ci) % 2 == 0 else order[::-1]):
+                    t = time.perf_counter()
+                    out = engines[k].generate(chunk, params)
+                    wall[k] += time.perf_counter() - t
+                    tokens[k] += sum(len(c.token_ids) for g in out for c in g)
+            if r:
+                best = {k: max(best[k], tokens[k] / wall[k]) for k in order}
+        for k in ks:
+            ratios[k][B] = best[k] / best[0]
+    return {"spec_max_batch": {k: spec_max_batch_from(ratios[k], margin) for k in ks}, "ratios": ratios, "margin": margin, "repeats": repeats,
+            "max_tokens": params.max_tokens, "temperature": params.temperature, "prompts": len(prompts)}
+
+
+def spec_max_batch_from(ratios: dict[int, float], margin: float) -> int:
+    """The largest batch size up to which every measured speculative / plain ratio is >= `margin` (0: none)."""
+    threshold = 0
+    for B in sorted(ratios):
+        if ratios[B] < margin:
+            break
+        threshold = B
+    return threshold

@@ -80,7 +80,7 @@ class LLMEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int = 64, max_model_len: int | None = None,
                  max_prefill_tokens: int = 8192, seed: int = 0, device: str | None = None,
                  dtype: Any = None, fast_path: bool = True, speculative: str | None = None,
-                 num_draft: int = 1) -> None:
+                 num_draft: int = 1, spec_max_batch: int | None = None) -> None:
         from thinkforge.engine.loading import resolve_dtype
 
         if device is not None or dtype is not None:
@@ -122,7 +122,8 @@ class LLMEngine:
                 raise ThinkforgeError(f"unknown speculative method {speculative!r}; known: mtp")
             from thinkforge.engine.speculative import MTPSpeculator
 
-            self.speculator = MTPSpeculator(self, num_draft)
+            # spec_max_batch: above this many running rows a step decodes plain (see MTPSpeculator).
+            self.speculator = MTPSpeculator(self, num_draft, max_batch=spec_max_batch)
             self._forward = self.speculator.forward_last  # prefill keeps every prompt position's hidden state
 
     # ------------------------------------------------------------ requests

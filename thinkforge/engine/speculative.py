@@ -24,7 +24,17 @@ slightly, never change the output, because the main model verifies every token.
 The MTP layers' KV lives in the engine's own slot cache after the main layers (slot L + j, as vLLM
 numbers them), so back-fill moves and sample forks carry it along for free. `MTPSpeculator` plugs into
 `LLMEngine(..., speculative="mtp", num_draft=k)`; its `metrics()` gives acceptance per draft position,
-mean accepted length and tokens/s.
+mean accepted length, tokens/s and the time spent per round (verify forward, draft passes, the rest).
+
+Fallback to plain decoding (`LLMEngine(..., spec_max_batch=N)`): a large batch makes the verify forward of
+B x (k + 1) tokens compute-bound, so it costs more than the drafts save. The rule is a threshold on the
+running batch: a step decodes plain (the engine's own one-token decode, nothing drafted) when more than N
+rows are running, or when any running row is already plain. A row that took one plain step has no MTP KV
+for that column, so it stays plain until it finishes; rows admitted while the batch is plain are plain
+too (no MTP pass over their prompt). Speculation resumes once the batch holds only speculative rows, i.e.
+after it drains. N is measured once per model, machine and k (`thinkforge.engine.mtp_acceptance.
+calibrate_spec_max_batch`: the largest batch size at which speculative decoding beat plain); None (the
+default) always speculates. `metrics()` reports the plain steps taken (`fallback_steps`).
 """
 
 from __future__ import annotations
@@ -100,7 +110,7 @@ def _draw(probs: torch.Tensor, gen: torch.Generator) -> int:
 class MTPSpeculator:
     """Drives the engine's running batch with MTP drafts + one verify forward per round."""
 
-    def __init__(self, engine: Any, num_draft: int = 1) -> None:
+    def __init__(self, engine: Any, num_draft: int = 1, max_batch: int | None = None) -> None:
         from thinkforge.model.mtp import check_mtp_compatible, num_mtp_layers
 
         model = engine.model
@@ -111,6 +121,8 @@ class MTPSpeculator:
                                   "serve without --speculative")
         if num_draft < 1:
             raise ThinkforgeError(f"num_draft must be >= 1, got {num_draft}")
+        if max_batch is not None and max_batch < 0:
+            raise ThinkforgeError(f"spec_max_batch must be >= 0 (0: always plain) or None, got {max_batch}")
         if num_draft > n:
             raise ThinkforgeError(f"num_draft {num_draft} > the checkpoint's {n} trained MTP layer(s); use "
                                   f"num_draft <= {n} or add layers with `thinkforge mtp-extend`")
@@ -121,6 +133,7 @@ class MTPSpeculator:
         self.inner = model.model
         self.mtp = list(model.model.mtp_layers)[:num_draft]
         self.L = model.config.num_hidden_layers
+        self.max_batch = max_batch
         self.lean = LeanDecoder(model) if engine._lean is not None else None
         # The engine's cache is swapped for one that can also write a subset of rows.
         engine.cache = SpecKVCache(engine.max_batch_size, 2 * engine.max_model_len)  # as the plain cache: pads + context
@@ -134,6 +147,10 @@ class MTPSpeculator:
         self.rounds = 0  # row-rounds (one row verified once)
         self.emitted = 0
         self.forwards = 0
+        self.fallback_steps = 0  # engine steps decoded plain (spec_max_batch)
+        self.fallback_row_steps = 0
+        self.fallback_s = 0.0
+        self.round_s = self.verify_s = self.draft_s = 0.0  # wall seconds in speculative rounds, and their parts
         self.t0 = time.perf_counter()
 
     def metrics(self) -> dict[str, Any]:
@@ -146,7 +163,37 @@ class MTPSpeculator:
                 "mean_accepted_drafts": sum(self.accepted) / self.rounds if self.rounds else 0.0,
                 "mean_accepted_length": 1 + sum(self.accepted) / self.rounds if self.rounds else 0.0,
                 "verify_forwards": self.forwards, "tokens": self.emitted,
-                "tokens_per_s": self.emitted / wall if wall > 0 else 0.0}
+                "tokens_per_s": self.emitted / wall if wall > 0 else 0.0,
+                # Wall seconds of the speculative rounds (decode calls), of their verify forwards (main model
+                # + LM head over k + 1 tokens per row) and of their draft passes (k MTP layers + LM head).
+                "round_s": self.round_s, "verify_s": self.verify_s, "draft_s": self.draft_s,
+                "spec_max_batch": self.max_batch, "fallback_steps": self.fallback_steps,
+                "fallback_row_steps": self.fallback_row_steps, "fallback_s": self.fallback_s}
+
+    # ------------------------------------------------------------ fallback to plain decoding
+    def speculating(self, rows: list[Any], ignore: set[int] | None = None) -> bool:
+        """Whether a step over `rows` speculates: at most `max_batch` of them, none of them plain already
+        (rows whose id is in `ignore`, just admitted, have no drafts yet and are not checked)."""
+        if self.max_batch is None:
+            return True
+        return len(rows) <= self.max_batch and all(
+            getattr(s, "drafts", None) is not None for s in rows if ignore is None or id(s) not in ignore)
+
+    def plain_step(self) -> list[Any]:
+        """One plain decode step of the whole running batch (the engine's own); its rows stay plain."""
+        eng = self.engine
+        t = time.perf_counter()
+        for s in eng._running:
+            s.drafts = None
+        self.fallback_steps += 1
+        self.fallback_row_steps += len(eng._running)
+        del eng._forward  # the class's one-token forward, not `forward_last`, for this step
+        try:
+            finished = eng._decode()
+        finally:
+            eng._forward = self.forward_last
+        self.fallback_s += time.perf_counter() - t
+        return finished
 
     # ------------------------------------------------------------ model pieces
     def main_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
@@ -278,6 +325,11 @@ class MTPSpeculator:
         alive = [s for s in admitted if id(s) in row_of]
         if not alive:
             return
+        new = {id(s) for s in alive}
+        if not self.speculating(list(eng._running), ignore=new):
+            for s in alive:  # admitted into a plain batch: no MTP pass over the prompt, plain for good
+                s.drafts = None
+            return
         P = hidden.shape[1]
         known = []
         for s in alive:
@@ -290,6 +342,9 @@ class MTPSpeculator:
     def decode(self) -> list[Any]:
         eng = self.engine
         rows = list(eng._running)
+        if not self.speculating(rows):
+            return self.plain_step()
+        t_round = time.perf_counter()
         B = len(rows)
         dev = eng.device
         c = torch.tensor([s.col for s in rows])
@@ -306,6 +361,7 @@ class MTPSpeculator:
         logits = self.model.lm_head(hidden).float()  # [B, q, V]
         eng.stats["decode_forwards"] += 1
         self.forwards += 1
+        self.verify_s += time.perf_counter() - t_round
 
         emitted, logps, accepted = self._accept(rows, inp.cpu(), logits, k)
         for j in range(k):
@@ -334,7 +390,10 @@ class MTPSpeculator:
             geometry = (take(mask)[:, :, :Q, : max(starts) + Q], take(pos)[:, :Q],
                         None if rope is None else (take(rope[0])[:, :, :Q], take(rope[1])[:, :, :Q]),
                         take(cols)[:, :Q])
+            t_draft = time.perf_counter()
             self._draft(alive, [row_of[id(s)] for s in alive], starts, lengths, take(hidden)[:, :Q], known, geometry)
+            self.draft_s += time.perf_counter() - t_draft
+        self.round_s += time.perf_counter() - t_round
         return finished
 
     def _accept(self, rows: list[Any], inp: torch.Tensor, logits: torch.Tensor, k: int,
