@@ -80,3 +80,25 @@ def test_decontam_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "thinkforge.cli", "decontam", "--train", str(tmp_path / "none.jsonl"),
                           "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "none.jsonl" in bad.stderr
+
+
+def test_template_ngrams_shared_by_many_items_are_not_contamination():
+    """A templated task's held-out problems share their template's words: a train problem of the same template
+    with other parameters is not a copy (the first speedrun on the ten-template code task dropped 739 of 1381
+    verified code traces this way). A copy of one held-out problem still is."""
+    template = ("Write a Python function f(xs) that returns how many numbers in the list xs are divisible by {k}, "
+                "or {d} if the list xs is empty.")
+    dec = Decontaminator(n=16, max_shared=3)
+    for k in range(2, 12):
+        dec.add(f"code/{k}", template.format(k=k, d=-k))
+    dec.finish()
+    assert dec.templates_dropped > 0
+    assert dec.check(template.format(k=37, d=5)) == []  # same template, new parameters
+    assert [m.benchmark_id for m in dec.check(template.format(k=7, d=-7))] == ["code/7"]  # a held-out copy
+    plain = Decontaminator(n=16)  # max_shared=0: every n-gram stays indexed
+    for k in range(2, 12):
+        plain.add(f"code/{k}", template.format(k=k, d=-k))
+    assert plain.check(template.format(k=37, d=5)) != []
+    # The shipped benchmarks share almost no 16-grams: the template rule drops only a handful of boilerplate ones.
+    real = Decontaminator.from_benchmarks(["math500", "aime24"])
+    assert real.templates_dropped < 0.001 * len(real.index)

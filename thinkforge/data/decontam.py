@@ -4,7 +4,10 @@ Text is normalised (Unicode NFKC, lower case, every run of non-alphanumerics bec
 split into words; a training text is contaminated when it shares any n-gram with a benchmark problem.
 Benchmark problems shorter than n words cannot produce an n-gram, so they are matched whole (as a
 contiguous word sequence) when they have at least `min_words` words; shorter ones ("Compute 7!.")
-would flag innocent text and are skipped and counted.
+would flag innocent text and are skipped and counted. An n-gram that more than `max_shared` distinct
+benchmark problems contain is the benchmark's template ("write a python function f xs that returns how many
+numbers in the list xs are"), not any one problem's content, and is not indexed: a templated task's held-out
+set would otherwise flag every train problem of a long template.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ class Decontaminator:
     short: dict[int, dict[bytes, str]] = field(default_factory=dict)  # length -> whole-text digest -> id
     skipped: list[str] = field(default_factory=list)  # benchmark ids too short to check
     n_items: int = 0
+    max_shared: int = 0  # > 0: n-grams in more than this many distinct items are template text (see `finish`)
+    shared: dict[bytes, int] = field(default_factory=dict)  # n-gram digest -> distinct items containing it
+    templates_dropped: int = 0
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -70,24 +76,37 @@ class Decontaminator:
         words = normalize_words(text)
         self.n_items += 1
         if len(words) >= self.n:
-            for g in ngrams(words, self.n):
-                self.index.setdefault(_key(g), item_id)
+            for key in {_key(g) for g in ngrams(words, self.n)}:
+                self.index.setdefault(key, item_id)
+                if self.max_shared:
+                    self.shared[key] = self.shared.get(key, 0) + 1
         elif len(words) >= self.min_words:
             self.short.setdefault(len(words), {})[_key(words)] = item_id
         else:
             self.skipped.append(item_id)
 
+    def finish(self) -> Decontaminator:
+        """Drops the n-grams more than `max_shared` distinct items share (template text); returns self."""
+        if self.max_shared:
+            common = [k for k, count in self.shared.items() if count > self.max_shared]
+            for key in common:
+                del self.index[key]
+            self.templates_dropped += len(common)
+            self.shared.clear()
+        return self
+
     @classmethod
-    def from_benchmarks(cls, names: Iterable[str], n: int = 16, min_words: int = 8) -> Decontaminator:
+    def from_benchmarks(cls, names: Iterable[str], n: int = 16, min_words: int = 8,
+                        max_shared: int = 3) -> Decontaminator:
         """Indexes the problem statements (not the prompt templates, which every problem shares)."""
         from thinkforge.eval.harness import default_split, resolve_task
 
-        dec = cls(n=n, min_words=min_words)
+        dec = cls(n=n, min_words=min_words, max_shared=max_shared)
         for name in names:
             task = resolve_task(name.strip())
             for p in task.problems(default_split(task)):
                 dec.add(p.id, str(p.meta.get("question") or p.prompt))
-        return dec
+        return dec.finish()
 
     def check(self, text: str, first_only: bool = True) -> list[Match]:
         words = normalize_words(text)

@@ -77,7 +77,7 @@ def build_trace_sets(cfg: TraceSetsConfig, progress: Any = None) -> dict[str, An
                 raise ThinkforgeError(
                     f"traces: the teacher gave {len(rows)} verified {task} traces for {cfg.problems_per_task} problems, "
                     f"fewer than the {size} asked (raise traces.problems_per_task; curate stats in "
-                    f"{out / 'verified.jsonl.stats.json'})")
+                    f"{out / 'verified.stats.json'})")
         path = out / f"sft-{size}.jsonl"
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for rows in by_task.values() for r in rows[:size]))
         files[str(size)] = str(path)
