@@ -17,7 +17,8 @@ copied into a thinkforge engine and `thinkforge.train.rl.evaluate_heldout` score
 same held-out problems. Wall time is training time only: start-up (model load, engine build) and
 evaluation time are excluded. Each run stops at the target accuracy (unless --run-full), --max-steps or
 --max-minutes, whichever comes first (checked at evaluation points). The target defaults to the SFT
-checkpoint's accuracy + 10 points.
+checkpoint's accuracy + 10 points, or halfway to `--reference-model`'s (the SFT-on-10N-traces checkpoint)
+accuracy when that is lower (issue 14).
 
     python benchmarks/rl_vs_trl.py --model /tmp/sr/cpu1/sft/model --out results/rl_vs_trl.json
     python benchmarks/rl_vs_trl.py --model M --max-steps 4 --eval-every 2 --eval-problems 16 --batch-groups 4 \
@@ -129,13 +130,23 @@ def make_engine(model: Any, tokenizer: Any, args: argparse.Namespace) -> Any:
                      seed=args.seed, dtype=args.dtype)
 
 
-def baseline_accuracy(args: argparse.Namespace, work: Path) -> float:
+def baseline_accuracy(args: argparse.Namespace, work: Path, model_dir: str | None = None, name: str = "sft_eval") -> float:
     from thinkforge.model.io import load_model
     from thinkforge.train.rl import evaluate_heldout
 
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tok = load_model(model_dir or args.model, device=args.device, dtype=args.dtype)
     engine = make_engine(model, tok, args)
-    return evaluate_heldout(engine, eval_config(args, work / "sft_eval"), work / "sft_eval", 0)[args.task]
+    return evaluate_heldout(engine, eval_config(args, work / name), work / name, 0)[args.task]
+
+
+def pick_target(args: argparse.Namespace, sft_acc: float, ref_acc: float | None) -> float:
+    """Issue 14's target: SFT + `target_gain`, or halfway to the 10N-trace reference when that is lower."""
+    if args.target is not None:
+        return args.target
+    target = sft_acc + args.target_gain
+    if ref_acc is not None:
+        target = min(target, (sft_acc + ref_acc) / 2)
+    return round(target, 6)
 
 
 def run_thinkforge(args: argparse.Namespace, rec: Recorder, out: Path) -> dict[str, Any]:
@@ -313,6 +324,8 @@ def main() -> None:
     ap.add_argument("--recipe", default="rl-speedrun", help="thinkforge RL recipe for everything not set here")
     ap.add_argument("--target", type=float, default=None, help="absolute held-out accuracy in [0, 1]")
     ap.add_argument("--target-gain", type=float, default=0.10, help="target = SFT accuracy + this (if no --target)")
+    ap.add_argument("--reference-model", default=None,
+                    help="the 10N-trace SFT checkpoint: the target is then the lower of SFT + gain and halfway to it")
     ap.add_argument("--max-steps", type=int, default=60, help="rollout steps cap per run")
     ap.add_argument("--max-minutes", type=float, default=30.0, help="training-time cap per run")
     ap.add_argument("--eval-every", type=int, default=5, help="rollout steps between held-out evaluations")
@@ -353,7 +366,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.device = resolve_device(args.device)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="rl_vs_trl_"))
-    for name in ("sft_eval", "thinkforge", "trl"):
+    for name in ("sft_eval", "reference_eval", "thinkforge", "trl"):
         if (work / name).exists():  # evaluation resumes from samples on disk: a stale directory would be reused
             raise ThinkforgeError(f"{work / name} exists; use a new --work-dir")
 
@@ -362,7 +375,10 @@ def main() -> None:
     sft_acc = baseline_accuracy(args, work)
     print(f"SFT held-out accuracy on {args.eval_problems} {args.task} problems: {sft_acc:.3f} "
           f"({time.perf_counter() - t:.1f}s)")
-    target = args.target if args.target is not None else round(sft_acc + args.target_gain, 6)
+    ref_acc = baseline_accuracy(args, work, args.reference_model, "reference_eval") if args.reference_model else None
+    if ref_acc is not None:
+        print(f"reference (SFT on 10N traces) held-out accuracy: {ref_acc:.3f}")
+    target = pick_target(args, sft_acc, ref_acc)
     max_s = args.max_minutes * 60
     results: dict[str, dict[str, Any]] = {}
     if not args.skip_thinkforge:
@@ -377,7 +393,7 @@ def main() -> None:
     print(f"\ntarget: held-out {args.task} accuracy >= {target:.3f} (SFT {sft_acc:.3f}); "
           f"{args.batch_groups} prompts x {args.group_size} samples per step, eval every {args.eval_every} steps")
     print_table(results, speedup)
-    result = {"task": args.task, "sft_accuracy": sft_acc, "target": target, "results": results, "speedup": speedup,
+    result = {"task": args.task, "sft_accuracy": sft_acc, "reference_accuracy": ref_acc, "target": target, "results": results, "speedup": speedup,
               "work_dir": str(work), "torch_threads": torch.get_num_threads(),
               "other_versions": {name: _version(name) for name in ("trl", "accelerate", "datasets")},
               **run_metadata(vars(args), seed=args.seed)}

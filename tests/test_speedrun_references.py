@@ -124,6 +124,14 @@ def test_reference_rows_end_to_end_and_only_changed_rows_rerun(teacher_url, tmp_
     changed = {n for n in stages if (out / n / "summary.json").stat().st_mtime_ns != before[n]}
     assert changed == {"sft_10n"}
 
+    # Ablations that train on tasks of their own (the TDDR rows: code only, one budget each) form their own
+    # table, without the main run, and are evaluated on those tasks only.
+    report = run_speedrun(load_speedrun_config(str(preset), {"out_dir": str(out), "ablations.small_lr.tasks": ["arith"],
+                                                             "ablations.own.tasks": ["arith"],
+                                                             "ablations.own.lr": 3.0e-5}))
+    assert [r["stage"] for r in report["ablation"]["rows"]] == ["rl_small_lr", "rl_own"]
+    assert set(report["stages"]["rl_own"]["accuracy"]) == {"arith"}
+
 
 def test_rft_without_a_budget_or_traces_without_a_teacher_fail_in_one_line(tmp_path):
     from thinkforge.speedrun import load_speedrun_config, plan_stages

@@ -16,7 +16,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +250,8 @@ def run_speedrun(cfg: SpeedrunConfig, progress: Any = None) -> dict[str, Any]:
 
     evaluated = [n for n, s in stages.items() if s["evaluated"]]
     sampled = spec.sampled_stages or [n for n in evaluated if n != "pretrain"]
+    # An ablation that trains on its own tasks (the TDDR rows train on code only) is evaluated on those.
+    own_tasks = {f"rl_{n}": [t for t in spec.tasks if t in o["tasks"]] for n, o in cfg.ablations.items() if "tasks" in o}
     for name in evaluated:
         stage = stages[name]
         t0, c0 = time.time(), cpu_seconds()
@@ -258,10 +260,11 @@ def run_speedrun(cfg: SpeedrunConfig, progress: Any = None) -> dict[str, Any]:
         key = digests[name]
         for sub in (name, f"{name}-sampled"):
             drop_stale_samples(out / "eval" / sub, key)
-        stage["accuracy"] = evaluate_stage(model_dir, spec, out / "eval" / name, cfg.seed, cfg.device, key=key)
+        stage_spec = replace(spec, tasks=own_tasks[name]) if name in own_tasks else spec
+        stage["accuracy"] = evaluate_stage(model_dir, stage_spec, out / "eval" / name, cfg.seed, cfg.device, key=key)
         if spec.sampled_n > 0 and name in sampled:
-            evaluate_stage(model_dir, spec, out / "eval" / f"{name}-sampled", cfg.seed, cfg.device, sampled=True,
-                           key=key)
+            evaluate_stage(model_dir, stage_spec, out / "eval" / f"{name}-sampled", cfg.seed, cfg.device,
+                           sampled=True, key=key)
         stage["mtp"] = measure_mtp(model_dir, spec, cfg.device)
         stage["eval_wall_s"], stage["eval_cpu_s"] = time.time() - t0, cpu_seconds() - c0
 
@@ -269,7 +272,11 @@ def run_speedrun(cfg: SpeedrunConfig, progress: Any = None) -> dict[str, Any]:
     pairs = [(s["parent"], n) for n, s in stages.items() if n in evaluated and s["parent"] in evaluated]
     pairs += [(a, b) for a, b in spec.compare if a in evaluated and b in evaluated]
     report.update(stage_statistics(out / "eval", evaluated, spec.tasks, pairs))
-    ablation = [n for n in evaluated if n == "rl" or n.startswith("rl_")]  # the main run first, then each variant
+    # Variants of the main run (same tasks) follow it in the table; ablations with tasks of their own (code-only
+    # runs at one budget) are compared among themselves.
+    ablation = [f"rl_{n}" for n in cfg.ablations if f"rl_{n}" in evaluated]
+    if ablation and "rl" in evaluated and not own_tasks:
+        ablation.insert(0, "rl")
     if len(ablation) > 1 and spec.ablation_task in spec.tasks:
         report["ablation"] = ablation_table(out / "eval", ablation, {n: stages[n]["label"] for n in ablation},
                                             spec.ablation_task, report["intervals"])
