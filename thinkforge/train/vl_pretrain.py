@@ -10,8 +10,12 @@
 recipes. Each stage trains on the tasks' teacher solutions (loss on the response tokens only) and asserts
 its trainable-parameter count: exactly the projector, the ViT + projector, or all parameters. A sample is
 never truncated (that would cut image tokens and desynchronise them from the image features): samples
-over the stage's `max_seq_len` are dropped and counted. Rows are padded, not packed, so every row's
-MRoPE positions are built by the model from its own `mm_token_type_ids`.
+over the stage's `max_seq_len` are dropped and counted. By default rows are padded, and the model builds every
+row's MRoPE positions from its own `mm_token_type_ids`. With `pack: true` a step's samples are packed (first-fit
+decreasing) into rows of at most `max_seq_len` tokens: each sample's 3D positions are computed alone (`get_rope_index`) and
+laid side by side, with text positions restarting at 0 per sample, which is what makes transformers build a
+block-diagonal causal mask (the `[4, B, T]` packed form; no attention mask, no cache). The same samples make
+the same loss either way: packing saves the padding, nothing else.
 
 Every stage writes `out_dir/<stage>/model`, a plain HF directory (`AutoModelForImageTextToText`,
 weights under `model.visual.*`) and `summary.json`; a rerun skips the stages that finished.
@@ -67,6 +71,7 @@ class VLPretrainConfig:
     device: str = "auto"
     dtype: str = "float32"
     tokenizer_vocab: int = 512  # from scratch: BPE vocabulary trained on the tasks' text
+    pack: bool = False  # pack a step's samples into rows of max_seq_len tokens instead of padding each
 
     def check(self) -> None:
         if not self.stages:
@@ -153,10 +158,64 @@ def collate(processor: Any, rows: list[VLExample], device: Any) -> dict[str, tor
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def sample_positions(model: Any, enc: Any) -> torch.Tensor:
+    """[4, L] positions of one sample alone: text positions 0..L-1, then its 3D MRoPE positions."""
+    ids = torch.tensor([enc.input_ids])
+    mrope, _ = model.model.get_rope_index(ids, torch.tensor([enc.mm_token_type_ids]), enc.image_grid_thw)
+    return torch.cat([torch.arange(enc.length)[None], mrope[:, 0].cpu()], 0)
+
+
+def pack_rows(rows: list[VLExample], max_len: int) -> list[list[VLExample]]:
+    """First-fit decreasing: longest first, each sample into the first row with room for it (deterministic: ties
+    keep their order). The loss is a mean over the step's response tokens, so placement does not change it."""
+    bins: list[list[VLExample]] = []
+    room: list[int] = []
+    for r in sorted(rows, key=lambda r: -r.enc.length):
+        i = next((j for j, free in enumerate(room) if free >= r.enc.length), None)
+        if i is None:
+            bins.append([])
+            room.append(max_len)
+            i = len(bins) - 1
+        bins[i].append(r)
+        room[i] -= r.enc.length
+    return bins
+
+
+def collate_packed(processor: Any, model: Any, rows: list[VLExample], max_len: int, device: Any) -> dict[str, torch.Tensor]:
+    """Packed rows: input_ids, mm_token_type_ids, labels [R, T] and position_ids [4, R, T] (packed form, so no
+    attention_mask); images in token order. A row's padding tail is its own segment (positions from 0), label-free."""
+    bins = pack_rows(rows, max_len)
+    width = max(sum(r.enc.length for r in b) for b in bins)
+    pad = processor.pad_token_id if processor.pad_token_id is not None else 0
+    ids = torch.full((len(bins), width), pad, dtype=torch.long)
+    types = torch.zeros((len(bins), width), dtype=torch.long)
+    labels = torch.full((len(bins), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((4, len(bins), width), dtype=torch.long)
+    pixels, grids = [], []
+    for b, row in enumerate(bins):
+        off = 0
+        for r in row:
+            sl = slice(off, off + r.enc.length)
+            ids[b, sl] = torch.tensor(r.enc.input_ids)
+            types[b, sl] = torch.tensor(r.enc.mm_token_type_ids)
+            labels[b, sl] = torch.tensor(r.labels)
+            pos[:, b, sl] = sample_positions(model, r.enc)
+            if r.enc.pixel_values is not None:
+                pixels.append(r.enc.pixel_values)
+                grids.append(r.enc.image_grid_thw)
+            off += r.enc.length
+        pos[:, b, off:] = torch.arange(width - off)
+    batch = {"input_ids": ids, "mm_token_type_ids": types, "labels": labels, "position_ids": pos}
+    if pixels:
+        batch["pixel_values"], batch["image_grid_thw"] = torch.cat(pixels), torch.cat(grids)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def vl_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over response tokens."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # float64 stays (numerics checks)
     targets = batch["labels"][:, 1:]
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
@@ -206,7 +265,12 @@ def train_stage(cfg: VLPretrainConfig, stage: dict[str, Any], model: Any, proces
                 rng.shuffle(fresh)
                 order += fresh
             rows, order = [examples[i] for i in order[: cfg.batch_size]], order[cfg.batch_size:]
-            loss = vl_loss(model, collate(processor, rows, device))
+            if cfg.pack:
+                batch = collate_packed(processor, model, rows, int(stage.get("max_seq_len", cfg.max_seq_len)), device)
+            else:
+                batch = collate(processor, rows, device)
+            tokens, slots = sum(r.enc.length for r in rows), batch["input_ids"].numel()
+            loss = vl_loss(model, batch)
             if not torch.isfinite(loss):
                 raise ThinkforgeError(f"vl_pretrain: {stage['name']}: loss is {float(loss)} at step {step}")
             loss.backward()
@@ -214,7 +278,8 @@ def train_stage(cfg: VLPretrainConfig, stage: dict[str, Any], model: Any, proces
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
-            log.log(step, loss=losses[-1], lr=lr, grad_norm=float(grad_norm))
+            log.log(step, loss=losses[-1], lr=lr, grad_norm=float(grad_norm), rows=int(batch["input_ids"].shape[0]),
+                    padding=round(1 - tokens / slots, 4))
             if progress:
                 progress.update(bar, advance=1, description=f"{stage['name']} loss {losses[-1]:.3f}")
     finally:
