@@ -238,14 +238,15 @@ def test_hub_loading_offline_is_a_one_line_error(tmp_path):
 
 
 def test_thinkforge_eval_runs_refcoco_on_a_vl_checkpoint(tmp_path):
-    """The CLI end to end: `thinkforge eval --task refcoco --backend hf-vl` on the fixture, offline."""
+    """The CLI end to end: `thinkforge eval --task refcoco` on the fixture, offline; `--backend auto` (the default)
+    picks hf-vl for a VL checkpoint."""
     from thinkforge.vl.model import build_tiny_vl, save_vl
 
     model, proc = build_tiny_vl(["Give the bounding box of the region. \\boxed{[1, 2, 3, 4]}"] * 10, "micro", seed=0)
     save_vl(model.eval(), proc, tmp_path / "ck")
     env = {**_offline_env(tmp_path), "THINKFORGE_REFCOCO_DATA_FILES": refcoco_file(tmp_path), "OMP_NUM_THREADS": "1"}
     proc_ = subprocess.run([sys.executable, "-m", "thinkforge.cli", "eval", "--task", "refcoco", "--model",
-                            str(tmp_path / "ck"), "--backend", "hf-vl", "--device", "cpu", "--dtype", "float32",
+                            str(tmp_path / "ck"), "--device", "cpu", "--dtype", "float32",
                             "--max-tokens", "6", "--temperature", "0", "--output", str(tmp_path / "out")],
                            capture_output=True, text=True, env=env, timeout=300)
     assert proc_.returncode == 0, proc_.stderr[-2000:]

@@ -45,11 +45,12 @@ def _speculative_line(backend: Any) -> str | None:
 
 def eval_cmd(
     task: Annotated[str, typer.Option(help="Task(s), comma-separated: math500,aime24,aime25,amc23,gsm8k,humaneval,"
-                                           "gpqa_diamond,livecodebench,mmlu_pro or a synthetic task (arith, code).")],
+                                           "gpqa_diamond,livecodebench,mmlu_pro, VL: mmmu,mathvista,charxiv,refcoco,"
+                                           "countbench, or a synthetic task (arith, code, vl_*).")],
     output: Annotated[Path, typer.Option(help="Result directory; results go to OUTPUT/<task>/ (reruns resume).")],
     model: Annotated[str | None, typer.Option(help="Model dir / hub id, or base URL (URL#model) for --backend openai.")] = None,
-    backend: Annotated[str, typer.Option(help="auto (openai for an http(s) URL, else native) | native | hf | "
-                                              "openai | vllm")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto (openai for an http(s) URL, hf-vl for a VL "
+                                              "checkpoint, else native) | native | hf | hf-vl | openai | vllm")] = "auto",
     responses: Annotated[Path | None, typer.Option(help="Re-score existing responses: jsonl rows "
                                                         "{problem_id, response} instead of generating.")] = None,
     n: Annotated[int, typer.Option(help="Samples per problem.")] = 1,
@@ -92,7 +93,10 @@ def eval_cmd(
         from thinkforge.engine.base import SamplingParams, get_backend
 
         if backend == "auto":  # as distill's --teacher: a URL is an OpenAI-compatible endpoint
-            backend = "openai" if model.startswith(("http://", "https://")) else "native"
+            from thinkforge.vl.model import is_vl_checkpoint
+
+            backend = ("openai" if model.startswith(("http://", "https://"))
+                       else "hf-vl" if is_vl_checkpoint(model) else "native")  # a Qwen2.5-VL checkpoint sees images
 
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, n=n,
                                 seed=seed).validate()
