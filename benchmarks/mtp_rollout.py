@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--ks", default="1,3", help="draft tokens per round of the MTP configurations")
     ap.add_argument("--fallback", default="off", help="off, auto (calibrate at T=1) or a batch size")
     ap.add_argument("--calib-tokens", type=int, default=32)
+    ap.add_argument("--calib-clock", default="wall", choices=["wall", "cpu"])
     ap.add_argument("--reward-workers", type=int, default=2)
     ap.add_argument("--max-slots-factor", type=float, default=8.0)
     ap.add_argument("--repeats", type=int, default=2)
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sizes = sorted({1, args.group_size, args.engine_batch // 2, args.engine_batch} - {0})
         print(f"fallback calibration at T=1: batch {sizes}, k = {ks} ...", flush=True)
         calibration = calibrate_spec_max_batch(model, tok, prompts, ks, sizes, SamplingParams(
-            temperature=1.0, max_tokens=args.calib_tokens), repeats=1, seed=args.seed)
+            temperature=1.0, max_tokens=args.calib_tokens), repeats=1, seed=args.seed, clock=args.calib_clock)
         limits = dict(calibration["spec_max_batch"])
         print(f"  speculative / plain tokens/s: {calibration['ratios']} -> spec_max_batch {limits}", flush=True)
     elif args.fallback != "off":

@@ -33,7 +33,8 @@ as cheap as one), i.e. what the model's proportions allow.
 
 Fallback (`--fallback`): `auto` (default) measures, once per temperature, plain vs speculative decoding at every batch
 size in `--batches` for every k on a short budget (`--calib-tokens`), and sets the engine's `spec_max_batch`
-per (temperature, k) to the largest batch size at which speculation won by >= 5% (tokens/s); steps with more running
+per (temperature, k) to the largest batch size at which speculation won by >= 5% (tokens/s by wall clock, or by
+process CPU time with `--calib-clock cpu`, the steadier one on a shared machine at one thread); steps with more running
 rows decode plain, and the output says which rows fell back. `off` always speculates; an integer sets the
 threshold for every k.
 
@@ -403,6 +404,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; best-of is reported")
     ap.add_argument("--fallback", default="auto", help="auto (calibrate spec_max_batch per temperature and k), off, or a batch size")
     ap.add_argument("--calib-tokens", type=int, default=48, help="token budget of the fallback calibration")
+    ap.add_argument("--calib-clock", default="wall", choices=["wall", "cpu"],
+                    help="the calibration's clock (cpu: steadier on a shared machine at --threads 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
@@ -455,13 +458,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"fallback calibration, T={T}: plain vs k = {ks} at batch {batches}, {args.calib_tokens} tokens ...",
                   flush=True)
             cal = calibrate_spec_max_batch(model, tokenizer, prompts, ks, batches,
-                                           SamplingParams(temperature=T, max_tokens=args.calib_tokens), seed=args.seed)
+                                           SamplingParams(temperature=T, max_tokens=args.calib_tokens), seed=args.seed,
+                                           clock=args.calib_clock)
             calibrations[str(T)] = cal
             lim = dict(cal["spec_max_batch"])
             for k in ks:
                 measured = ", ".join(f"batch {b}: {x:.2f}x" for b, x in cal["ratios"][k].items())
-                print(f"  k={k}: speculative / plain tokens/s {measured} -> speculate up to {lim[k]} running rows "
-                      f"(>= {cal['margin']}x needed)", flush=True)
+                print(f"  k={k}: speculative / plain tokens/s ({args.calib_clock}) {measured} -> speculate up to "
+                      f"{lim[k]} running rows (>= {cal['margin']}x needed)", flush=True)
         params = SamplingParams(temperature=T, max_tokens=args.max_tokens)
         for B in batches:
             print(f"batch {B}, T={T}: plain + k = {ks}, {len(prompts)} prompts x {args.repeats} repeats ...", flush=True)

@@ -337,5 +337,8 @@ def test_calibration_threshold_follows_the_margin(model, tok):
     assert spec_max_batch_from({16: 1.3, 1: 1.5}, 1.05) == 16
     cal = calibrate_spec_max_batch(model, tok, prompts_of(tok)[:2], [1, 2], [1, 2], SamplingParams(temperature=0,
                                    max_tokens=6), repeats=1, margin=1e9)
-    assert cal["spec_max_batch"] == {1: 0, 2: 0}
-    assert set(cal["ratios"]) == {1, 2} and all(set(r) == {1, 2} and min(r.values()) > 0 for r in cal["ratios"].values())
+    assert cal["spec_max_batch"] == {1: 0, 2: 0} and cal["clock"] == "wall"
+    for ratios in (cal["ratios"], cal["ratios_other_clock"]):
+        assert set(ratios) == {1, 2} and all(set(r) == {1, 2} and min(r.values()) > 0 for r in ratios.values())
+    with pytest.raises(ThinkforgeError, match="clock must be 'wall' or 'cpu'"):
+        calibrate_spec_max_batch(model, tok, [], [1], [1], SamplingParams(temperature=0), clock="gpu")

@@ -31,37 +31,51 @@ def mtp_acceptance(model_dir: str, prompts: list[str], num_draft: int | None = N
 
 def calibrate_spec_max_batch(model: Any, tokenizer: Any, prompts: list[Any], num_drafts: list[int],
                              batches: list[int], params: SamplingParams, *, repeats: int = 2, margin: float = 1.05,
-                             seed: int = 0) -> dict[str, Any]:
+                             seed: int = 0, clock: str = "wall") -> dict[str, Any]:
     """The fallback threshold `spec_max_batch` per draft count k, measured once on this machine: for each batch
     size B (ascending), `prompts` go through a plain engine and one speculative engine per k in chunks of B,
     every configuration back to back per chunk (the order alternating), `repeats` timed passes after one
     untimed warm-up pass; ratio = speculative tokens/s over plain's (best pass each). A k's threshold is the
     largest B up to which every measured ratio is >= `margin` (0: speculation never paid). A step of more
-    running rows than that decodes plain. `model` must carry its MTP layers (`prepare_speculative`)."""
+    running rows than that decodes plain. `model` must carry its MTP layers (`prepare_speculative`).
+    `clock`: "wall" (what a user waits) or "cpu" (process CPU time: steadier on a shared machine at one thread);
+    ratios by both clocks are returned, the threshold follows `clock`."""
     import time
 
+    from thinkforge.errors import ThinkforgeError
+
+    if clock not in ("wall", "cpu"):
+        raise ThinkforgeError(f"calibration clock must be 'wall' or 'cpu', got {clock!r}")
+
     ks = sorted(set(num_drafts))
-    ratios: dict[int, dict[int, float]] = {k: {} for k in ks}
+    ratios: dict[int, dict[int, float]] = {k: {} for k in ks}  # by `clock`
+    other: dict[int, dict[int, float]] = {k: {} for k in ks}  # by the other clock
     for B in sorted(set(batches)):
         engines = {0: LLMEngine(model, tokenizer, max_batch_size=B, seed=seed)}
         engines.update({k: LLMEngine(model, tokenizer, max_batch_size=B, seed=seed, speculative="mtp", num_draft=k)
                         for k in ks})
         order = list(engines)
         chunks = [prompts[i:i + B] for i in range(0, len(prompts), B)]
-        best = dict.fromkeys(order, 0.0)  # tokens/s (sampled outputs differ in length between configurations)
+        # Best tokens/s per clock (sampled outputs differ in length between configurations).
+        best = {c: dict.fromkeys(order, 0.0) for c in ("wall", "cpu")}
         for r in range(repeats + 1):  # pass 0 warms up (allocator, caches) and is not timed
-            wall, tokens = dict.fromkeys(order, 0.0), dict.fromkeys(order, 0)
+            spent = {c: dict.fromkeys(order, 0.0) for c in ("wall", "cpu")}
+            tokens = dict.fromkeys(order, 0)
             for ci, chunk in enumerate(chunks):
                 for k in (order if (r + ci) % 2 == 0 else order[::-1]):
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.process_time()
                     out = engines[k].generate(chunk, params)
-                    wall[k] += time.perf_counter() - t
-                    tokens[k] += sum(len(c.token_ids) for g in out for c in g)
+                    spent["wall"][k] += time.perf_counter() - t
+                    spent["cpu"][k] += time.process_time() - c
+                    tokens[k] += sum(len(x.token_ids) for g in out for x in g)
             if r:
-                best = {k: max(best[k], tokens[k] / wall[k]) for k in order}
+                for c in best:
+                    best[c] = {k: max(best[c][k], tokens[k] / max(spent[c][k], 1e-9)) for k in order}
         for k in ks:
-            ratios[k][B] = best[k] / best[0]
-    return {"spec_max_batch": {k: spec_max_batch_from(ratios[k], margin) for k in ks}, "ratios": ratios, "margin": margin, "repeats": repeats,
+            ratios[k][B] = best[clock][k] / best[clock][0]
+            other[k][B] = best["cpu" if clock == "wall" else "wall"][k] / best["cpu" if clock == "wall" else "wall"][0]
+    return {"spec_max_batch": {k: spec_max_batch_from(ratios[k], margin) for k in ks}, "ratios": ratios,
+            "clock": clock, "ratios_other_clock": other, "margin": margin, "repeats": repeats,
             "max_tokens": params.max_tokens, "temperature": params.temperature, "prompts": len(prompts)}
 
 
