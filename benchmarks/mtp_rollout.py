@@ -5,9 +5,10 @@ sampling, async rewards, early termination) with plain decoding vs `speculative=
         [--batch-groups 8] [--group-size 8] [--max-tokens 96] [--engine-batch 64] [--ks 1,3] \
         [--fallback off|auto|N] [--repeats 2] [--threads 2] [--out results/mtp_rollout.json]
 
-Each configuration (plain; MTP with k drafts; with `--fallback` also MTP with the plain-decoding fallback of
-`LLMEngine(spec_max_batch=N)`, N measured by `calibrate_spec_max_batch` at T=1 for `auto`) gets its own
-`LLMEngine` over the same model object and a fresh `ProblemSampler` with the same seed, and collects
+Each run of a configuration (plain; MTP with k drafts; with `--fallback` also MTP with the plain-decoding
+fallback of `LLMEngine(spec_max_batch=N)`, N measured by `calibrate_spec_max_batch` at T=1 for `auto`) gets a
+fresh `LLMEngine` over the same model object and a fresh `ProblemSampler` with the same seed (after one
+untimed warm-up step per configuration), and collects
 `--steps` rollout batches of `--batch-groups` valid groups (no training: rollout is what changes). Whole
 runs take turns, the order reversed every repeat (A B C, C B A, ...), so a slow spell of the shared machine
 lands on all of them; the best of `--repeats` by rollout tokens/s is reported.
@@ -164,13 +165,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         configs[f"mtp k={k}"] = {"speculative": "mtp", "num_draft": k}
         if limits:
             configs[f"mtp k={k} +fallback"] = {"speculative": "mtp", "num_draft": k, "spec_max_batch": limits[k]}
-    engines = {name: LLMEngine(model, tok, max_batch_size=args.engine_batch, seed=args.seed, **kw)
-               for name, kw in configs.items()}
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
-    order = list(engines)
+    def engine(name: str) -> Any:  # a fresh engine per run (request ids restart with every rollout)
+        return LLMEngine(model, tok, max_batch_size=args.engine_batch, seed=args.seed, **configs[name])
+
+    order = list(configs)
+    warm = argparse.Namespace(**{**vars(args), "steps": 1})
+    for name in order:  # untimed warm-up: allocator, caches, first-call overheads of every path
+        collect_run(engine(name), task, warm)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in order}
     for r in range(args.repeats):
         for name in (order if r % 2 == 0 else order[::-1]):
-            runs[name].append(collect_run(engines[name], task, args))
+            runs[name].append(collect_run(engine(name), task, args))
             print(f"repeat {r} {name:>20}: {runs[name][-1]['tokens'] / runs[name][-1]['wall_s']:.1f} tok/s", flush=True)
 
     rows: dict[str, dict[str, Any]] = {}

@@ -184,12 +184,12 @@ def test_rollout_benchmark_plain_vs_mtp_with_logprob_drift(rollout_bench, checkp
     """GRPO-shaped rollouts at T=1 through plain, MTP and MTP-with-fallback engines: tokens/s and ratios, the
     speculator's acceptance, and engine-vs-trainer log-prob drift at float noise for every configuration."""
     common = ["--model", checkpoint, "--threads", "1", "--steps", "1", "--batch-groups", "2", "--group-size", "2",
-              "--max-tokens", "8", "--engine-batch", "4", "--ks", "1", "--repeats", "1", "--max-slots-factor", "1"]
+              "--max-tokens", "8", "--engine-batch", "4", "--ks", "1", "--repeats", "2", "--max-slots-factor", "1"]
     res = rollout_bench.main([*common, "--fallback", "0", "--out", str(tmp_path / "r.json")])
     rows = res["rows"]
     assert set(rows) == {"plain", "mtp k=1", "mtp k=1 +fallback"} and rows["plain"]["ratio"] == 1.0
-    for name, r in rows.items():
-        assert r["tokens"] > 0 and r["tok_s"] > 0 and r["committed_groups"] == 2
+    for name, r in rows.items():  # two repeats of each: the same seeded workload, run by fresh engines
+        assert r["tokens"] > 0 and r["tok_s"] > 0 and r["committed_groups"] == 2 and len(r["tok_s_every_repeat"]) == 2
         assert r["drift"]["tokens"] > 0 and r["drift"]["max"] < 1e-4, (name, r["drift"])
     assert rows["mtp k=1"]["verify_forwards"] > 0 and rows["mtp k=1"]["fallback_steps"] == 0
     assert len(rows["mtp k=1"]["acceptance"]) == 1
