@@ -61,10 +61,13 @@ def test_smoke_speedrun_end_to_end(tmp_path):
     assert again["stages"]["pretrain"]["train_wall_s"] == report["stages"]["pretrain"]["train_wall_s"]
 
 
-def test_fewtrace_preset_builds_every_stage():
-    """The few-traces preset (issue 14's data budget): every section is a valid stage config; SFT sees the
-    100-trace set and its reference the 1000-trace set that a teacher makes through distill -> curate, RL a large
-    answer-only pool, RFT RL's budget; everything evaluated on 1000 held-out problems, greedy and sampled."""
+@pytest.mark.parametrize("preset", ["cpu", "full"])
+def test_fewtrace_presets_build_every_stage(preset):
+    """The default (`cpu`) and complete (`full`) presets carry issue 14's data budget: every section is a valid
+    stage config; SFT sees the 100-trace set and its reference the 1000-trace set that a teacher makes through
+    distill -> curate, RL a large answer-only pool, RFT RL's budget; everything evaluated on 1000 held-out
+    problems, greedy and sampled. `full` adds the code task and the code-only TDDR ablation (binary / strict / soft
+    at one budget)."""
     from thinkforge.data.trace_sets import TraceSetsConfig
     from thinkforge.speedrun import EvalSpec, load_speedrun_config, plan_stages
     from thinkforge.train.pretrain import PretrainConfig
@@ -73,8 +76,10 @@ def test_fewtrace_preset_builds_every_stage():
     from thinkforge.train.sft import SFTConfig
     from thinkforge.utils import build_config
 
-    cfg = load_speedrun_config("fewtrace", {"rl.steps": 3})
-    assert [s.name for s in plan_stages(cfg)] == ["pretrain", "teacher", "traces", "sft", "sft_10n", "rl", "rft"]
+    cfg = load_speedrun_config(preset, {"rl.steps": 3})
+    ablations = ["rl_binary", "rl_strict", "rl_soft"] if preset == "full" else []
+    assert [s.name for s in plan_stages(cfg)] == ["pretrain", "teacher", "traces", "sft", "sft_10n", "rl", *ablations,
+                                                  "rft"]
     build_config(PretrainConfig, cfg.pretrain, "pretrain")
     build_config(SFTConfig, cfg.teacher, "teacher")
     traces = build_config(TraceSetsConfig, cfg.traces, "traces")
@@ -86,5 +91,13 @@ def test_fewtrace_preset_builds_every_stage():
     rl.check()
     build_config(RFTConfig, cfg.rft, "rft")
     spec = build_config(EvalSpec, cfg.eval, "eval")
-    assert rl.tasks == ["arith"] and rl.problems_per_task >= 100 * rl.batch_groups and rl.steps == 3
-    assert spec.problems_per_task >= 1000 and spec.sampled_n == 8
+    tasks = ["arith", "code"] if preset == "full" else ["arith"]
+    assert rl.tasks == tasks == spec.tasks == traces.tasks and rl.problems_per_task >= 100 * rl.batch_groups
+    assert rl.steps == 3 and spec.problems_per_task >= 1000 and spec.sampled_n == 8
+    modes = []
+    for name, overrides in cfg.ablations.items():
+        ab = build_config(RLConfig, {**cfg.rl, **overrides, "model": "m"}, name)
+        ab.check()
+        assert ab.tasks == ["code"] and ab.steps == cfg.ablations["binary"]["steps"]  # one budget per row
+        modes.append(ab.rewards["code"][0]["mode"])
+    assert modes == (["binary", "strict", "soft"] if preset == "full" else [])

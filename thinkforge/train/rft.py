@@ -30,6 +30,7 @@ class RFTConfig:
     temperature: float = 1.0
     max_tokens: int = 160
     max_per_problem: int = 8  # distinct verified samples kept per problem
+    concurrency: int = 64  # prompts queued per engine call x 4: keeps the continuous batch full between calls
     near_dup_threshold: float = 0.0  # see TraceSetsConfig: templated traces are near-duplicates by design
     epochs: float = 2.0
     batch_size: int = 32
@@ -91,7 +92,7 @@ def rft(cfg: RFTConfig, progress: Any = None) -> dict[str, Any]:
         dist = distill(DistillConfig(teacher=cfg.model, backend="native", tasks=[task], n=cfg.samples_per_problem,
                                      out=str(out / f"samples-{task}-{tag}.jsonl"), split="train", limit=limit,
                                      temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed + 1,
-                                     device=cfg.device, dtype="float32"), progress)
+                                     concurrency=cfg.concurrency, device=cfg.device, dtype="float32"), progress)
         drawn += dist["totals"]["rows"]
     merged = out / "samples.jsonl"
     atomic_write_text(merged, "".join((out / f"samples-{t}-{tag}.jsonl").read_text() for t in cfg.tasks))
