@@ -145,6 +145,16 @@ def test_router_mixes_weights_and_rejects_bad_values():
         assert res.details["parts"] == {"math": 0.0, "test_constant": 1.0}
     finally:
         router.close()
+    # A later part that breaks (a reward model with a bad path) is reported, not a silent 0 under the first
+    # part's reason.
+    broken = RewardRouter({"arith": [{"name": "math"}, {"name": "test_raises", "weight": 0.5}]})
+    try:
+        res = broken.score(p, f"\\boxed{{{p.answer}}}")
+        assert res.correct and res.reason == "correct" and res.reward == pytest.approx(1.0 / 1.5)
+        assert res.details["part_errors"] == ["reward_error: test_raises: ValueError: boom"]
+        assert broken.errors == [f"{p.id}: reward_error: test_raises: ValueError: boom"]
+    finally:
+        broken.close()
     bad = RewardRouter({"arith": {"name": "test_constant", "value": 2.0}})
     try:
         res = bad.score(p, "x")

@@ -239,8 +239,14 @@ class RewardRouter(TimedResults):
             first = parts[0][2]
             res = RewardResult(min(1.0, max(0.0, total)), first.correct, first.reason,
                                {**first.details, "parts": {n: r.reward for n, _, r in parts}})
-        if res.reason.startswith(("reward_error", "reward_invalid")):
-            self._note(f"{problem.id}: {res.reason}")
+        # Every part's failure is noted, not only the first's: a broken later part of a mixed route (a reward
+        # model with a bad path) would otherwise score 0 without a word.
+        for _, _, part in parts:
+            if part.reason.startswith(("reward_error", "reward_invalid")):
+                self._note(f"{problem.id}: {part.reason}")
+        if len(parts) > 1 and any(p.reason.startswith(("reward_error", "reward_invalid")) for _, _, p in parts[1:]):
+            res.details["part_errors"] = [p.reason for _, _, p in parts if p.reason.startswith(("reward_error",
+                                                                                               "reward_invalid"))]
         return res
 
     def score_now(self, problem: Problem, response: str) -> RewardResult:
