@@ -370,6 +370,11 @@ def main() -> None:
         if (work / name).exists():  # evaluation resumes from samples on disk: a stale directory would be reused
             raise ThinkforgeError(f"{work / name} exists; use a new --work-dir")
 
+    if not args.skip_trl:  # fail before the thinkforge run, not after it
+        try:
+            import trl  # noqa: F401
+        except ImportError as err:
+            raise ThinkforgeError("rl_vs_trl: TRL is not installed (pip install -e '.[trl]'), or pass --skip-trl") from err
     seed_everything(args.seed)
     t = time.perf_counter()
     sft_acc = baseline_accuracy(args, work)
