@@ -188,6 +188,7 @@ def test_rollout_benchmark_plain_vs_mtp_with_logprob_drift(rollout_bench, checkp
     res = rollout_bench.main([*common, "--fallback", "0", "--out", str(tmp_path / "r.json")])
     rows = res["rows"]
     assert set(rows) == {"plain", "mtp k=1", "mtp k=1 +fallback"} and rows["plain"]["ratio"] == 1.0
+    assert rows["plain"]["ratio_cpu"] == 1.0 and all(r["tok_per_cpu_s"] > 0 for r in rows.values())
     for name, r in rows.items():  # two repeats of each: the same seeded workload, run by fresh engines
         assert r["tokens"] > 0 and r["tok_s"] > 0 and r["committed_groups"] == 2 and len(r["tok_s_every_repeat"]) == 2
         assert r["drift"]["tokens"] > 0 and r["drift"]["max"] < 1e-4, (name, r["drift"])
