@@ -135,7 +135,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              "| stage | " + " | ".join(f"{t} held-out acc" for t in tasks) + " | train wall (s) | train CPU (s) | eval wall (s) | tokens |",
              "|---|" + "---|" * (len(tasks) + 4)]
     for name, s in rows.items():
-        accs = " | ".join(f"{100 * s['accuracy'].get(t, float('nan')):.1f}%" for t in tasks)
+        accs = " | ".join(f"{100 * s['accuracy'][t]:.1f}%" if t in s["accuracy"] else "–" for t in tasks)  # code-only rows
         lines.append(f"| {s.get('label', name)} | {accs} | {s['train_wall_s']} | {s['train_cpu_s']} | {s['eval_wall_s']} | "
                      f"{s['tokens']:,} |")
     data_rows = [(n, s) for n, s in report["stages"].items() if "accuracy" not in s]
