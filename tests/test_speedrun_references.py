@@ -3,7 +3,10 @@ SFT on N and 10N traces, RFT with RL's completion budget, reward ablations, samp
 graph's cache (a changed reference row reruns alone)."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from fastapi import FastAPI, Request
@@ -117,6 +120,15 @@ def test_reference_rows_end_to_end_and_only_changed_rows_rerun(teacher_url, tmp_
     assert "vs_first" in ablation["rows"][1] and ablation["rows"][0]["interval"]["n"] == 8
     md = (out / "report.md").read_text()
     assert "sampled pass@k" in md and "Reward ablation" in md and (out / "rl.png").exists()
+
+    # The CLI on the same preset and directory: every stage cached, the summary printed for the evaluated
+    # stages only (the traces stage has no accuracy; its row crashed `make speedrun` after the report).
+    cli = subprocess.run([sys.executable, "-m", "thinkforge.cli", "speedrun", "--preset", str(preset), "--out", str(out),
+                          "--numerics", "native"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    printed = [line.split(":")[0].strip() for line in cli.stdout.splitlines() if "%" in line]
+    assert printed == ["pretrain", "sft", "sft_10n", "rl", "rl_small_lr", "rft"] and "report:" in cli.stdout
 
     # A changed reference row reruns alone; its siblings and parents are read from the cache.
     before = {n: (out / n / "summary.json").stat().st_mtime_ns for n in stages}

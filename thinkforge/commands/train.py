@@ -104,6 +104,8 @@ def speedrun_cmd(
     with progress_bar() as bar:
         report = run_speedrun(cfg, bar)
     for stage, row in report["stages"].items():
+        if "accuracy" not in row:  # a data stage (traces): nothing evaluated
+            continue
         accs = ", ".join(f"{t} {100 * a:.1f}%" for t, a in row["accuracy"].items())
         typer.echo(f"{stage:>9}: {accs}")
     typer.echo(f"report: {cfg.out_dir}/report.md ({report['total_wall_s']} s)")
