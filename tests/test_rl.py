@@ -116,6 +116,13 @@ def test_speculative_rollouts_keep_log_probs_and_mtp_layers_stay_frozen(tmp_path
     assert any(not torch.equal(before[k], after[k]) for k in before if k not in mtp)
     with pytest.raises(ThinkforgeError, match="num_draft 2 > the checkpoint's 1"):
         rl(_cfg(base, tmp_path / "bad", speculative="mtp", num_draft=2))
+    # spec_max_batch=0: every rollout step is above the threshold and decodes plain (the fallback a large
+    # rollout batch needs on a CPU), so the run samples exactly what a plain run samples.
+    plain = rl(_cfg(base, tmp_path / "plain", steps=1, batch_groups=2, mini_batch_groups=1, save_every=100))
+    fell_back = rl(_cfg(base, tmp_path / "fallback", steps=1, batch_groups=2, mini_batch_groups=1, save_every=100,
+                        speculative="mtp", num_draft=1, spec_max_batch=0))
+    assert plain["steps"] == fell_back["steps"] == 1
+    assert read_jsonl(tmp_path / "plain" / "rollouts.jsonl") == read_jsonl(tmp_path / "fallback" / "rollouts.jsonl")
 
 
 @pytest.mark.parametrize("opts", [

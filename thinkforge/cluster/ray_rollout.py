@@ -38,6 +38,7 @@ class EngineSpec:
     seed: int = 0
     speculative: str | None = None
     num_draft: int = 1
+    spec_max_batch: int | None = None  # see RLConfig.spec_max_batch
     threads: int = 1
     imports: list[str] = field(default_factory=list)
 
@@ -59,7 +60,7 @@ class RolloutWorker:
         model, tokenizer = load_model(spec.model, device=device, dtype=resolve_dtype(spec.dtype, device))
         engine = LLMEngine(model.requires_grad_(False), tokenizer, max_batch_size=spec.max_batch_size,
                            seed=spec.seed, dtype=resolve_dtype(spec.engine_dtype, device),
-                           speculative=spec.speculative, num_draft=spec.num_draft)
+                           speculative=spec.speculative, num_draft=spec.num_draft, spec_max_batch=spec.spec_max_batch)
         self.engine = NativeRolloutEngine(engine)
 
     def pid(self) -> int:

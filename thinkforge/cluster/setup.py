@@ -78,7 +78,7 @@ def build_roles(cfg: Any, model: Any, tokenizer: Any, device: Any, router: Any, 
         # Speculative sampling keeps the main model's distribution and log-probs, so the objective is unchanged.
         native = LLMEngine(copy.deepcopy(model).requires_grad_(False), tokenizer, max_batch_size=cfg.engine_max_batch,
                            seed=cfg.seed, dtype=resolve_dtype(cfg.engine_dtype, device), speculative=cfg.speculative,
-                           num_draft=cfg.num_draft)
+                           num_draft=cfg.num_draft, spec_max_batch=cfg.spec_max_batch)
         engine = NativeRolloutEngine(native)
         return Roles(engine, router, InProcessWeightSync(engine, bucket_bytes))
     from thinkforge.cluster.ray_reward import RayRewardPool
@@ -86,7 +86,8 @@ def build_roles(cfg: Any, model: Any, tokenizer: Any, device: Any, router: Any, 
 
     spec = EngineSpec(model=cfg.model, device=cfg.device if cluster.rollout_gpus else "cpu", dtype=cfg.dtype,
                       engine_dtype=cfg.engine_dtype, max_batch_size=cfg.engine_max_batch, seed=cfg.seed,
-                      speculative=cfg.speculative, num_draft=cfg.num_draft, imports=cluster.worker_imports)
+                      speculative=cfg.speculative, num_draft=cfg.num_draft, spec_max_batch=cfg.spec_max_batch,
+                      imports=cluster.worker_imports)
     ray_engine = RayRolloutEngine(spec, cluster.rollout_workers, tokenizer, cpus=cluster.rollout_cpus,
                                   gpus=cluster.rollout_gpus, max_restarts=cluster.max_restarts)
     try:

@@ -113,6 +113,9 @@ class RLConfig:
     train_mtp: bool = False  # MiMo keeps MTP layers frozen during RL (they still draft for speculative rollouts)
     speculative: str | None = None  # "mtp": rollouts decode with the checkpoint's MTP layers drafting
     num_draft: int = 1  # draft tokens per verify step (<= the checkpoint's MTP layers)
+    # Above this many running rows a step decodes plain: a large rollout batch makes verification compute-bound
+    # (measure it with `thinkforge.engine.mtp_acceptance.calibrate_spec_max_batch`); None = always speculate.
+    spec_max_batch: int | None = None
     # Where the roles run: the fields of `thinkforge.cluster.ClusterConfig` (empty = one process). A plain
     # mapping, so the config stays JSON (`--set cluster.backend=ray` sets one key).
     cluster: dict = field(default_factory=dict)
