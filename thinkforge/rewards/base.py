@@ -241,12 +241,12 @@ class RewardRouter(TimedResults):
                                {**first.details, "parts": {n: r.reward for n, _, r in parts}})
         # Every part's failure is noted, not only the first's: a broken later part of a mixed route (a reward
         # model with a bad path) would otherwise score 0 without a word.
-        for _, _, part in parts:
-            if part.reason.startswith(("reward_error", "reward_invalid")):
-                self._note(f"{problem.id}: {part.reason}")
-        if len(parts) > 1 and any(p.reason.startswith(("reward_error", "reward_invalid")) for _, _, p in parts[1:]):
-            res.details["part_errors"] = [p.reason for _, _, p in parts if p.reason.startswith(("reward_error",
-                                                                                               "reward_invalid"))]
+        failed = [(i, r.reason) for i, (_, _, r) in enumerate(parts) if r.reason.startswith(("reward_error",
+                                                                                            "reward_invalid"))]
+        for _, reason in failed:
+            self._note(f"{problem.id}: {reason}")
+        if any(i > 0 for i, _ in failed):  # the combined reason is the first part's: say what else broke
+            res.details["part_errors"] = [reason for _, reason in failed]
         return res
 
     def score_now(self, problem: Problem, response: str) -> RewardResult:

@@ -26,6 +26,20 @@ from thinkforge.tasks.benchmarks import BenchmarkTask, extract_code, require, sc
 LETTERS = "ABCDEFGHIJ"
 
 
+def local_load_call(name: str, data_files: str | list[str]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """`datasets.load_dataset` arguments for local copies of a benchmark (a comma list or a list of paths/URLs);
+    a missing file or an unknown format is a one-line error naming the benchmark."""
+    files = [f for f in (data_files.split(",") if isinstance(data_files, str) else data_files) if f]
+    missing = [f for f in files if "://" not in f and not os.path.exists(f)]
+    if missing:
+        raise ThinkforgeError(f"{name}: data file {missing[0]} not found")
+    ext = files[0].rsplit(".", 1)[-1].lower()
+    builder = {"csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}.get(ext)
+    if builder is None:
+        raise ThinkforgeError(f"{name}: data file {files[0]} must be .csv, .json, .jsonl or .parquet")
+    return (builder,), {"data_files": files, "split": "train"}
+
+
 def load_rows(name: str, dataset: str, config: str | None, split: str, data_files: str | list[str] | None,
               hint: str = "") -> list[dict[str, Any]]:
     """Rows of a hub dataset, or of local files in the same format."""
@@ -33,18 +47,10 @@ def load_rows(name: str, dataset: str, config: str | None, split: str, data_file
 
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     if data_files:
-        files = [f for f in (data_files.split(",") if isinstance(data_files, str) else data_files) if f]
-        local = [f for f in files if "://" not in f]
-        missing = [f for f in local if not os.path.exists(f)]
-        if missing:
-            raise ThinkforgeError(f"{name}: data file {missing[0]} not found")
-        ext = files[0].rsplit(".", 1)[-1].lower()
-        builder = {"csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}.get(ext)
-        if builder is None:
-            raise ThinkforgeError(f"{name}: data file {files[0]} must be .csv, .json, .jsonl or .parquet")
-        args: tuple[Any, ...] = (builder,)
-        kwargs: dict[str, Any] = {"data_files": files, "split": "train"}
+        args, kwargs = local_load_call(name, data_files)
     else:
         args = (dataset, config) if config else (dataset,)
         kwargs = {"split": split}

@@ -35,7 +35,7 @@ from typing import Any
 
 from thinkforge.errors import ThinkforgeError
 from thinkforge.tasks.base import Problem, Score, register_task
-from thinkforge.tasks.bench_hub import LETTERS, choice_prompt, score_choice
+from thinkforge.tasks.bench_hub import LETTERS, choice_prompt, local_load_call, score_choice
 from thinkforge.tasks.benchmarks import MATH_PROMPT, BenchmarkTask, require, score_math
 
 MMMU_SUBJECTS = (
@@ -60,15 +60,7 @@ def load_table(name: str, dataset: str, configs: list[str | None], split: str,
     datasets.disable_progress_bars()
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
     if data_files:
-        files = [f for f in (data_files.split(",") if isinstance(data_files, str) else data_files) if f]
-        missing = [f for f in files if "://" not in f and not os.path.exists(f)]
-        if missing:
-            raise ThinkforgeError(f"{name}: data file {missing[0]} not found")
-        ext = files[0].rsplit(".", 1)[-1].lower()
-        builder = {"csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}.get(ext)
-        if builder is None:
-            raise ThinkforgeError(f"{name}: data file {files[0]} must be .csv, .json, .jsonl or .parquet")
-        calls.append(((builder,), {"data_files": files, "split": "train"}))
+        calls.append(local_load_call(name, data_files))
     else:
         calls += [((dataset, c) if c else (dataset,), {"split": split}) for c in configs]
     rows: list[dict[str, Any]] = []
