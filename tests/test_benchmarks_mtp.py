@@ -150,6 +150,12 @@ def test_sampling_rows_and_the_fallback_are_reported(bench, checkpoint, tmp_path
     assert row["spec_max_batch"] == cal["spec_max_batch"][1] in (0, 1)
     assert row["fell_back"] == ("all" if cal["spec_max_batch"][1] == 0 else "none")
     assert "fallback calibration, T=0.6" in capsys.readouterr().out
+    # Without --calib-tokens the calibration measures the run's own budget (a short one misjudged batch 16).
+    res = bench.main(["--model", checkpoint, "--out", str(tmp_path / "r3.json"), "--threads", "1", "--batches", "1",
+                      "--ks", "1", "--prompts", "2", "--max-tokens", "5", "--repeats", "1", "--extend-steps", "0",
+                      "--temperatures", "0"])
+    assert res["calibration"]["0.0"]["max_tokens"] == 5
+    assert "fallback calibration, T=0.0: plain vs k = [1] at batch [1], 5 tokens" in capsys.readouterr().out
 
 
 def test_missing_model_directory_and_bad_flags_are_one_line_errors(bench, checkpoint, tmp_path):
@@ -160,7 +166,7 @@ def test_missing_model_directory_and_bad_flags_are_one_line_errors(bench, checkp
     with pytest.raises(ThinkforgeError, match="not a checkpoint directory"):
         bench.main(["--model", missing, "--out", str(tmp_path / "r.json"), "--threads", "1"])
     for flag, value, match in (("--fallback", "sometimes", "--fallback"), ("--fallback", "-1", ">= 0"),
-                               ("--temperatures", "-0.5", "--temperatures")):
+                               ("--temperatures", "-0.5", "--temperatures"), ("--calib-tokens", "-1", "--calib-tokens")):
         with pytest.raises(ThinkforgeError, match=match):
             bench.main(["--model", checkpoint, "--out", str(tmp_path / "r.json"), flag, value])
     proc = subprocess.run([sys.executable, str(SCRIPT), "--model", missing, "--out", str(tmp_path / "r.json")],
