@@ -32,8 +32,8 @@ the k draft passes / main weights): the ceiling if every forward cost its weight
 as cheap as one), i.e. what the model's proportions allow.
 
 Fallback (`--fallback`): `auto` (default) measures, once per temperature, plain vs speculative decoding at every batch
-size in `--batches` for every k on the run's own token budget (`--calib-tokens`, default `--max-tokens`: a 48-token
-calibration once said 1.36x where the 256-token run measured 0.87x, because verify cost grows with context), and sets the engine's `spec_max_batch`
+size in `--batches` for every k on the run's own token budget (`--calib-tokens`, default `--max-tokens`: at batch 16,
+T=1, k=2 a 48-token calibration said 1.36x where the 256-token run measured 0.87x), and sets the engine's `spec_max_batch`
 per (temperature, k) to the largest batch size at which speculation won by >= 5% (tokens/s by wall clock, or by
 process CPU time with `--calib-clock cpu`, the steadier one on a shared machine at one thread); steps with more running
 rows decode plain, and the output says which rows fell back. `off` always speculates; an integer sets the
