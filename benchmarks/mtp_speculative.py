@@ -33,7 +33,7 @@ as cheap as one), i.e. what the model's proportions allow.
 
 Fallback (`--fallback`): `auto` (default) measures, once per temperature, plain vs speculative decoding at every batch
 size in `--batches` for every k on the run's own token budget (`--calib-tokens`, default `--max-tokens`: at batch 16,
-T=1, k=2 a 48-token calibration said 1.36x where the 256-token run measured 0.87x), and sets the engine's `spec_max_batch`
+T=1, k=2 a 48-token calibration said 1.36x where the 128-token run measured 0.87x), and sets the engine's `spec_max_batch`
 per (temperature, k) to the largest batch size at which speculation won by >= 5% (tokens/s by wall clock, or by
 process CPU time with `--calib-clock cpu`, the steadier one on a shared machine at one thread); steps with more running
 rows decode plain, and the output says which rows fell back. `off` always speculates; an integer sets the
