@@ -442,9 +442,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ThinkforgeError("--batches, --ks, --prompts and --repeats must be >= 1")
     if min(temps) < 0:
         raise ThinkforgeError(f"--temperatures {args.temperatures!r}: must be >= 0")
-    limits = parse_fallback(args.fallback, ks)
     if args.calib_tokens < 0:
         raise ThinkforgeError(f"--calib-tokens {args.calib_tokens}: must be >= 0 (0: --max-tokens)")
+    limits = parse_fallback(args.fallback, ks)
     calib_tokens = args.calib_tokens or args.max_tokens
     load_start = os.getloadavg()
 
