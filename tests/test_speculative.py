@@ -190,24 +190,33 @@ def test_backend_server_and_acceptance_helper(model, tok, tmp_path):
     m = mtp_acceptance(path, prompts, max_tokens=16, device="cpu")
     assert m["num_draft"] == 2 and m["acceptance"][0] > 0.5
 
-    app = create_app(ServeConfig(model=path, device="cpu", dtype="float32", speculative="mtp", num_draft=2))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 30
-        while not srv.started and time.time() < deadline:
-            time.sleep(0.05)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        r = client.completions.create(model=path, prompt=prompts[1], max_tokens=16, temperature=0)
-        assert r.choices[0].text == plain.generate([prompts[1]], params)[0][0].text
-        assert app.state.generator.engine.speculator.metrics()["verify_forwards"] > 0
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
+    # `thinkforge serve --speculative mtp`, and with --spec-max-batch 0 (every step plain): the plain text.
+    for limit in (None, 0):
+        app = create_app(ServeConfig(model=path, device="cpu", dtype="float32", speculative="mtp", num_draft=2,
+                                     spec_max_batch=limit))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=srv.run, daemon=True)
+        thread.start()
+        try:
+            deadline = time.time() + 30
+            while not srv.started and time.time() < deadline:
+                time.sleep(0.05)
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+            r = client.completions.create(model=path, prompt=prompts[1], max_tokens=16, temperature=0)
+            assert r.choices[0].text == plain.generate([prompts[1]], params)[0][0].text
+            m = app.state.generator.engine.speculator.metrics()
+            if limit is None:
+                assert m["verify_forwards"] > 0 and m["fallback_steps"] == 0
+            else:
+                assert m["verify_forwards"] == 0 and m["fallback_steps"] >= 15
+        finally:
+            srv.should_exit = True
+            thread.join(timeout=10)
+    with pytest.raises(ThinkforgeError, match="spec_max_batch must be >= 0"):
+        ServeConfig(model=path, speculative="mtp", spec_max_batch=-1).validate()
 
 
 def test_eval_cli_speculative_mtp_gives_the_plain_greedy_samples(model, tok, tmp_path):

@@ -43,6 +43,9 @@ class ServeConfig:
     seed: int = 0
     speculative: str | None = None  # "mtp": self-speculative decoding with the checkpoint's MTP layers
     num_draft: int = 1
+    # With --speculative: above this many running rows a step decodes plain (verification turns compute-bound
+    # at large batches; benchmarks/mtp_speculative.py's calibration measures where). None: always speculate.
+    spec_max_batch: int | None = None
     # Access and limits (guard.py). No key: anyone who can reach the port may generate; the CLI refuses
     # that on a non-loopback address unless told --insecure-no-auth.
     api_key: str | None = None
@@ -64,6 +67,9 @@ class ServeConfig:
         for name in ("max_prompt_tokens", "max_tokens_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ThinkforgeError(f"serve: {name} must be >= 1, got {getattr(self, name)}")
+        if self.spec_max_batch is not None and self.spec_max_batch < 0:
+            raise ThinkforgeError(f"serve: spec_max_batch must be >= 0 (0: always plain), "
+                                  f"got {self.spec_max_batch}")
         if self.max_queued_requests < 0:
             raise ThinkforgeError(f"serve: max_queued_requests must be >= 0, got {self.max_queued_requests}")
         for name in ("body_timeout_s", "request_timeout_s"):
@@ -105,7 +111,7 @@ class _Generator:
             spec = prepare_speculative(model, cfg.model, cfg.speculative, cfg.num_draft)
             self.engine = LLMEngine(model, self.tokenizer, max_batch_size=cfg.max_batch_size,
                                     max_model_len=cfg.max_model_len, seed=cfg.seed, speculative=spec,
-                                    num_draft=cfg.num_draft)
+                                    num_draft=cfg.num_draft, spec_max_batch=cfg.spec_max_batch)
             self.loop = EngineLoop(self.engine)
             self.max_model_len = self.engine.max_model_len
         else:
