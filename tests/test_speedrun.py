@@ -101,3 +101,21 @@ def test_fewtrace_presets_build_every_stage(preset):
         assert ab.tasks == ["code"] and ab.steps == cfg.ablations["binary"]["steps"]  # one budget per row
         modes.append(ab.rewards["code"][0]["mode"])
     assert modes == (["binary", "strict", "soft"] if preset == "full" else [])
+
+
+def test_code_preset_is_code_only_tddr_rl_from_the_full_presets_sft():
+    """`--preset code` shares the `full` preset's upstream stages (so its SFT model is the same one) and runs
+    code-only GRPO with TDDR strict, evaluated on 1000 held-out code problems, greedy and sampled."""
+    from thinkforge.speedrun import EvalSpec, load_speedrun_config, plan_stages
+    from thinkforge.train.rl import RLConfig
+    from thinkforge.utils import build_config
+
+    code, full = load_speedrun_config("code", {}), load_speedrun_config("full", {})
+    assert [s.name for s in plan_stages(code)] == ["pretrain", "teacher", "traces", "sft", "rl"]
+    for section in ("pretrain", "teacher", "traces", "sft"):
+        assert getattr(code, section) == getattr(full, section), section
+    rl = build_config(RLConfig, {**code.rl, "model": "m"}, "rl")
+    rl.check()
+    assert rl.tasks == ["code"] and rl.rewards == {"code": [{"name": "code_tddr", "mode": "strict"}]}
+    spec = build_config(EvalSpec, code.eval, "eval")
+    assert spec.tasks == ["code"] and spec.problems_per_task == 1000 and spec.sampled_n == 8
