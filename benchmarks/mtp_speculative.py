@@ -227,12 +227,13 @@ class StepTimer:
 
 
 def run_batch(model: Any, tokenizer: Any, prompts: list[list[int]], B: int, ks: list[int], params: Any,
-              repeats: int, seed: int, limits: dict[int, int | None]) -> list[dict[str, Any]]:
+              repeats: int, seed: int, limits: dict[int, int | None], serial_rows: int = 0) -> list[dict[str, Any]]:
     """One row per k (0 = plain) for batch size B and `params` (its temperature)."""
     from thinkforge.engine.native import LLMEngine
 
     engines = {k: LLMEngine(model, tokenizer, max_batch_size=B, seed=seed, speculative="mtp" if k else None,
-                            num_draft=max(k, 1), spec_max_batch=limits.get(k)) for k in [0, *ks]}
+                            num_draft=max(k, 1), spec_max_batch=limits.get(k), serial_rows=serial_rows)
+               for k in [0, *ks]}
     timer = StepTimer(engines[0])
     chunks = [prompts[i:i + B] for i in range(0, len(prompts), B)]
     for eng in engines.values():  # warm-up: allocator, caches, first-call overheads
@@ -405,6 +406,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tasks", default="arith,code")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; best-of is reported")
+    ap.add_argument("--serial-rows", type=int, default=0,
+                    help="decode steps of at most this many token rows run on one thread, plain and speculative "
+                    "alike (LLMEngine serial_rows; 0 = off)")
     ap.add_argument("--fallback", default="auto", help="auto (calibrate spec_max_batch per temperature and k), off, or a batch size")
     ap.add_argument("--calib-tokens", type=int, default=0,
                     help="token budget of the fallback calibration (0: --max-tokens, the budget being measured)")
@@ -466,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   flush=True)
             cal = calibrate_spec_max_batch(model, tokenizer, prompts, ks, batches,
                                            SamplingParams(temperature=T, max_tokens=calib_tokens), seed=args.seed,
-                                           clock=args.calib_clock)
+                                           clock=args.calib_clock, serial_rows=args.serial_rows)
             calibrations[str(T)] = cal
             lim = dict(cal["spec_max_batch"])
             for k in ks:
@@ -476,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         params = SamplingParams(temperature=T, max_tokens=args.max_tokens)
         for B in batches:
             print(f"batch {B}, T={T}: plain + k = {ks}, {len(prompts)} prompts x {args.repeats} repeats ...", flush=True)
-            rows += run_batch(model, tokenizer, prompts, B, ks, params, args.repeats, args.seed, lim)
+            rows += run_batch(model, tokenizer, prompts, B, ks, params, args.repeats, args.seed, lim, args.serial_rows)
     plain = {r["batch"]: r for r in rows if r["k"] == 0 and r["temperature"] == 0}
     # Plain greedy at different batch sizes goes through differently padded forwards; recorded, not required.
     plain_consistent = len({plain[b]["completion_tokens"] for b in plain}) <= 1
@@ -487,7 +491,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     draft_weights = mtp_pass_weights(model)
     add_ceilings(rows, main_weights, draft_weights)
     print_table(rows, f"plain vs MTP speculative decoding  ({model_dir}, {n_params / 1e6:.2f}M params incl. MTP, "
-                      f"threads={args.threads}, max_tokens={args.max_tokens}, {len(prompts)} held-out prompts, "
+                      f"threads={args.threads}, serial_rows={args.serial_rows}, max_tokens={args.max_tokens}, "
+                      f"{len(prompts)} held-out prompts, "
                       f"best of {args.repeats})")
     print("ratio = tokens/s (wall, then per CPU-second) over plain decoding at the same batch size and temperature; "
           "fwds = decode (verify) forwards; acceptance[j] = share of rounds whose draft j+1 was accepted (and all "

@@ -193,7 +193,7 @@ def test_backend_server_and_acceptance_helper(model, tok, tmp_path):
     # `thinkforge serve --speculative mtp`, and with --spec-max-batch 0 (every step plain): the plain text.
     for limit in (None, 0):
         app = create_app(ServeConfig(model=path, device="cpu", dtype="float32", speculative="mtp", num_draft=2,
-                                     spec_max_batch=limit))
+                                     spec_max_batch=limit, serial_rows=4))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -351,3 +351,33 @@ def test_calibration_threshold_follows_the_margin(model, tok):
         assert set(ratios) == {1, 2} and all(set(r) == {1, 2} and min(r.values()) > 0 for r in ratios.values())
     with pytest.raises(ThinkforgeError, match="clock must be 'wall' or 'cpu'"):
         calibrate_spec_max_batch(model, tok, [], [1], [1], SamplingParams(temperature=0), clock="gpu")
+
+
+def test_serial_rows_runs_small_decode_steps_on_one_thread(model, tok):
+    """serial_rows = N: a decode step over at most N token rows (running rows x (1 + drafts verified)) runs on
+    one intra-op thread, larger ones on all of them; the thread count is restored after each step and greedy
+    output is plain greedy's either way. Negative N is a clear error."""
+    prompts = prompts_of(tok)[:3]
+    params = SamplingParams(temperature=0, max_tokens=12)
+    ref = run(LLMEngine(model, tok, max_batch_size=3), prompts, params)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for B, expect in ((1, 1), (3, 2)):  # k = 2: 1 row verifies 3 tokens (<= 3), 3 rows verify 9 (> 3)
+            eng = LLMEngine(model, tok, max_batch_size=B, speculative="mtp", num_draft=2, serial_rows=3)
+            seen: list[int] = []
+            decode = eng.speculator.decode
+
+            def counted(decode=decode, seen=seen):
+                seen.append(torch.get_num_threads())
+                return decode()
+
+            eng.speculator.decode = counted
+            assert run(eng, prompts, params) == ref
+            # 3 rows start together; once rows finish, a lone last row runs on one thread again.
+            assert seen and seen[0] == expect and (B == 3 or set(seen) == {1}), (B, seen)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ThinkforgeError, match="serial_rows must be >= 0"):
+        LLMEngine(model, tok, serial_rows=-1)

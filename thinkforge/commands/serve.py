@@ -23,6 +23,8 @@ def serve(
     num_draft: Annotated[int, typer.Option(help="Draft tokens per step with --speculative mtp.")] = 1,
     spec_max_batch: Annotated[int | None, typer.Option(help="With --speculative: decode plain while more than "
                                                        "this many rows run (default: always speculate).")] = None,
+    serial_rows: Annotated[int, typer.Option(help="Decode steps of at most this many token rows (rows x verified "
+                                             "tokens) run on one CPU thread; 4 suits small models (0 = off).")] = 0,
     api_key: Annotated[str | None, typer.Option(envvar="THINKFORGE_API_KEY", show_envvar=True,
                                                 help="Clients must send 'Authorization: Bearer KEY' (the openai "
                                                 "client's api_key); /health stays open.")] = None,
@@ -55,7 +57,7 @@ def serve(
     cfg = ServeConfig(model=model, backend=backend, served_name=served_name, device=device, dtype=dtype,
                       max_batch_size=max_batch_size, max_model_len=max_model_len, seed=seed,
                       speculative=speculative, num_draft=num_draft,
-                      spec_max_batch=spec_max_batch, api_key=api_key,
+                      spec_max_batch=spec_max_batch, serial_rows=serial_rows, api_key=api_key,
                       max_concurrent_requests=max_concurrent_requests, max_queued_requests=max_queued_requests,
                       max_request_bytes=max_request_bytes, request_timeout_s=request_timeout,
                       body_timeout_s=body_timeout, max_prompt_tokens=max_prompt_tokens,

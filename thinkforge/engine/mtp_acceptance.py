@@ -31,7 +31,7 @@ def mtp_acceptance(model_dir: str, prompts: list[str], num_draft: int | None = N
 
 def calibrate_spec_max_batch(model: Any, tokenizer: Any, prompts: list[Any], num_drafts: list[int],
                              batches: list[int], params: SamplingParams, *, repeats: int = 2, margin: float = 1.05,
-                             seed: int = 0, clock: str = "wall") -> dict[str, Any]:
+                             seed: int = 0, clock: str = "wall", serial_rows: int = 0) -> dict[str, Any]:
     """The fallback threshold `spec_max_batch` per draft count k, measured once on this machine: for each batch
     size B (ascending), `prompts` go through a plain engine and one speculative engine per k in chunks of B,
     every configuration back to back per chunk (the order alternating), `repeats` timed passes after one
@@ -39,7 +39,7 @@ def calibrate_spec_max_batch(model: Any, tokenizer: Any, prompts: list[Any], num
     largest B up to which every measured ratio is >= `margin` (0: speculation never paid). A step of more
     running rows than that decodes plain. `model` must carry its MTP layers (`prepare_speculative`).
     `clock`: "wall" (what a user waits) or "cpu" (process CPU time: steadier on a shared machine at one thread);
-    ratios by both clocks are returned, the threshold follows `clock`."""
+    ratios by both clocks are returned, the threshold follows `clock`. `serial_rows`: the engines' (LLMEngine)."""
     import time
 
     from thinkforge.errors import ThinkforgeError
@@ -51,9 +51,9 @@ def calibrate_spec_max_batch(model: Any, tokenizer: Any, prompts: list[Any], num
     ratios: dict[int, dict[int, float]] = {k: {} for k in ks}  # by `clock`
     other: dict[int, dict[int, float]] = {k: {} for k in ks}  # by the other clock
     for B in sorted(set(batches)):
-        engines = {0: LLMEngine(model, tokenizer, max_batch_size=B, seed=seed)}
-        engines.update({k: LLMEngine(model, tokenizer, max_batch_size=B, seed=seed, speculative="mtp", num_draft=k)
-                        for k in ks})
+        engines = {0: LLMEngine(model, tokenizer, max_batch_size=B, seed=seed, serial_rows=serial_rows)}
+        engines.update({k: LLMEngine(model, tokenizer, max_batch_size=B, seed=seed, speculative="mtp", num_draft=k,
+                                     serial_rows=serial_rows) for k in ks})
         order = list(engines)
         chunks = [prompts[i:i + B] for i in range(0, len(prompts), B)]
         # Best tokens/s per clock (sampled outputs differ in length between configurations).

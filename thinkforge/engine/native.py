@@ -17,6 +17,7 @@ roll a row back by lowering its column; see `_forward_decode`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from collections import deque
@@ -73,6 +74,20 @@ class _Seq:
     logprobs: list[float] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def one_thread(active: bool) -> Iterator[None]:
+    """torch's intra-op threads set to 1 inside the block when `active` (and more are set)."""
+    before = torch.get_num_threads()
+    if not active or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class LLMEngine:
     """Batched, KV-cached generation with continuous batching. Not thread-safe except `add_request`,
     `abort` and `load_weights`, which may be called from any thread while one thread runs `step()`."""
@@ -80,8 +95,11 @@ class LLMEngine:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch_size: int = 64, max_model_len: int | None = None,
                  max_prefill_tokens: int = 8192, seed: int = 0, device: str | None = None,
                  dtype: Any = None, fast_path: bool = True, speculative: str | None = None,
-                 num_draft: int = 1, spec_max_batch: int | None = None) -> None:
+                 num_draft: int = 1, spec_max_batch: int | None = None, serial_rows: int = 0) -> None:
         from thinkforge.engine.loading import resolve_dtype
+
+        if serial_rows < 0:
+            raise ThinkforgeError(f"serial_rows must be >= 0 (0: off), got {serial_rows}")
 
         if device is not None or dtype is not None:
             dev = device or str(next(model.parameters()).device)
@@ -115,6 +133,11 @@ class LLMEngine:
         self._abort: set[str] = set()
         self._running: list[_Seq] = []
         self._requests: dict[str, _Request] = {}
+        # A decode step over at most this many token rows (running rows x tokens each verifies) runs on one
+        # intra-op thread: the CPU GEMMs of <= 4 rows measured here gain nothing from a second thread and a
+        # 4-row verify lost ~40% to it (DEVELOPERS.md, issue 18). torch's thread count is process-wide, so
+        # this is off (0) unless asked for.
+        self.serial_rows = serial_rows
         self.stats = {"prefill_forwards": 0, "decode_forwards": 0, "generated_tokens": 0, "max_rows": 0}
         self.speculator: Any = None  # MTPSpeculator when speculative="mtp" (metrics(), reset_metrics())
         if speculative is not None:
@@ -245,7 +268,9 @@ class LLMEngine:
                 if self.speculator is not None:
                     self.speculator.after_prefill(admitted)
             if self._running:
-                finished += self.speculator.decode() if self.speculator is not None else self._decode()
+                per_row = 1 + (self.speculator.k if self.speculator is not None else 0)
+                with one_thread(self.device.type == "cpu" and len(self._running) * per_row <= self.serial_rows):
+                    finished += self.speculator.decode() if self.speculator is not None else self._decode()
         return finished
 
     def _admit(self) -> list[_Seq]:

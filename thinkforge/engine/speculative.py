@@ -35,6 +35,9 @@ too (no MTP pass over their prompt). Speculation resumes once the batch holds on
 after it drains. N is measured once per model, machine and k (`thinkforge.engine.mtp_acceptance.
 calibrate_spec_max_batch`: the largest batch size at which speculative decoding beat plain); None (the
 default) always speculates. `metrics()` reports the plain steps taken (`fallback_steps`).
+
+On CPU, `LLMEngine(..., serial_rows=4)` runs a step of at most 4 token rows (batch 1, k = 3) on one thread:
+such small GEMMs lose time to a second thread, and the verify forward is where it shows (DEVELOPERS.md).
 """
 
 from __future__ import annotations

@@ -46,6 +46,8 @@ class ServeConfig:
     # With --speculative: above this many running rows a step decodes plain (verification turns compute-bound
     # at large batches; benchmarks/mtp_speculative.py's calibration measures where). None: always speculate.
     spec_max_batch: int | None = None
+    # Decode steps of at most this many token rows run on one CPU thread (LLMEngine serial_rows; 0 = off).
+    serial_rows: int = 0
     # Access and limits (guard.py). No key: anyone who can reach the port may generate; the CLI refuses
     # that on a non-loopback address unless told --insecure-no-auth.
     api_key: str | None = None
@@ -111,7 +113,8 @@ class _Generator:
             spec = prepare_speculative(model, cfg.model, cfg.speculative, cfg.num_draft)
             self.engine = LLMEngine(model, self.tokenizer, max_batch_size=cfg.max_batch_size,
                                     max_model_len=cfg.max_model_len, seed=cfg.seed, speculative=spec,
-                                    num_draft=cfg.num_draft, spec_max_batch=cfg.spec_max_batch)
+                                    num_draft=cfg.num_draft, spec_max_batch=cfg.spec_max_batch,
+                                    serial_rows=cfg.serial_rows)
             self.loop = EngineLoop(self.engine)
             self.max_model_len = self.engine.max_model_len
         else:
