@@ -16,6 +16,7 @@ must be token-identical; the table says so per batch size.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import socket
@@ -123,7 +124,11 @@ def main() -> None:
     ap.add_argument("--server-requests", type=int, default=96)
     ap.add_argument("--server-max-tokens", type=int, default=64)
     ap.add_argument("--no-server", action="store_true")
+    ap.add_argument("--render", metavar="JSON", help="print the tables of a saved result and exit (runs nothing)")
     args = ap.parse_args()
+    if args.render:
+        print_tables(load_result(args.render))
+        return
 
     import torch
 
@@ -187,28 +192,14 @@ def main() -> None:
                      "native_s": t_nat, "hf_s": t_hf,
                      "greedy_identical": [c.token_ids for c in nat] == [c.token_ids for c in ref]})
 
-    print(f"\nnative engine vs HF generate  (threads={args.threads}, max_tokens={args.max_tokens}, "
-          f"{len(stop_ids)} stop ids, greedy)")
-    print(f"{'batch':>5} {'seqs':>5} {'tokens':>7} {'len min/med/max':>16} {'native tok/s':>13} {'hf tok/s':>9} "
-          f"{'ratio':>6} {'native tok/cpu-s':>17} {'hf tok/cpu-s':>13} {'ratio':>6} {'bound':>6} {'identical':>9}")
-    for r in rows:
-        mm = "/".join(str(x) for x in r["output_len_min_median_max"])
-        print(f"{r['batch']:>5} {r['sequences']:>5} {r['completion_tokens']:>7} {mm:>16} {r['native_tok_s']:>13} "
-              f"{r['hf_tok_s']:>9} {r['speedup']:>5}x {r['native_tok_per_cpu_s']:>17} {r['hf_tok_per_cpu_s']:>13} "
-              f"{r['speedup_cpu_time']:>5}x {r['row_step_bound']:>5}x {str(r['greedy_identical']):>9}")
-
     # The machine's limit: decode's weight GEMMs (2 x layer + head weights per token; prefill time counted,
     # its FLOPs not, so a lower bound) as a share of a large dense matmul at the same thread count.
     peak = gemm_gflops(args.threads)
     weights = main_gemm_weights(model)
-    print(f"\nmachine limit: 2048x2048 fp32 torch.matmul at {args.threads} threads = {peak:.1f} GFLOP/s")
     for r in rows:
         for side in ("native", "hf"):
             gf = 2 * weights * r["completion_tokens"] / r[f"{side}_s"]["wall"] / 1e9
             r[f"{side}_gemm_gflops"], r[f"{side}_share_of_gemm_peak"] = round(gf, 6), round(gf / peak, 4)
-        print(f"  batch {r['batch']:>3}: native {r['native_gemm_gflops']:.2f} GFLOP/s = "
-              f"{100 * r['native_share_of_gemm_peak']:.1f}%, hf {r['hf_gemm_gflops']:.2f} GFLOP/s = "
-              f"{100 * r['hf_share_of_gemm_peak']:.1f}% of it")
     torch.set_num_threads(args.threads)
 
     server = None
@@ -218,18 +209,49 @@ def main() -> None:
             tok.save_pretrained(d)
             server = server_throughput(d, args.server_clients, args.server_requests, args.server_max_tokens,
                                        stop_ids, args.threads)
-        print(f"\nserver (native, {server['clients']} concurrent openai clients, {server['requests']} completions, "
-              f"max_tokens {args.server_max_tokens}): {server['completions_per_s']} completions/s, "
-              f"{server['tokens_per_s']} tokens/s, up to {server['max_rows_batched']} sequences per batch")
-
     result = {"rows": rows, "server": server, "stop_token_ids": stop_ids, "gemm_peak_gflops": round(peak, 2),
               "main_gemm_weights": weights,
               "load_average_at_end": os.getloadavg(), "cpu_count": os.cpu_count(),
               **run_metadata({k: v for k, v in vars(args).items()}, seed=args.seed)}
+    print_tables(result)
     atomic_write_json(args.out, result)
+    print(f"\nwrote {args.out}")
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    """The tables, from a result dict (a fresh run's or a saved JSON's: `--render`)."""
+    c, rows = result["config"], result["rows"]
+    print(f"\nnative engine vs HF generate  (threads={c['threads']}, max_tokens={c['max_tokens']}, "
+          f"{len(result['stop_token_ids'])} stop ids, greedy)")
+    print(f"{'batch':>5} {'seqs':>5} {'tokens':>7} {'len min/med/max':>16} {'native tok/s':>13} {'hf tok/s':>9} "
+          f"{'ratio':>6} {'native tok/cpu-s':>17} {'hf tok/cpu-s':>13} {'ratio':>6} {'bound':>6} {'identical':>9}")
+    for r in rows:
+        mm = "/".join(str(x) for x in r["output_len_min_median_max"])
+        print(f"{r['batch']:>5} {r['sequences']:>5} {r['completion_tokens']:>7} {mm:>16} {r['native_tok_s']:>13} "
+              f"{r['hf_tok_s']:>9} {r['speedup']:>5}x {r['native_tok_per_cpu_s']:>17} {r['hf_tok_per_cpu_s']:>13} "
+              f"{r['speedup_cpu_time']:>5}x {r['row_step_bound']:>5}x {str(r['greedy_identical']):>9}")
+    print(f"\nmachine limit: 2048x2048 fp32 torch.matmul at {c['threads']} threads = {result['gemm_peak_gflops']:.1f} "
+          "GFLOP/s; decode weight-GEMM rate (prefill time counted, its FLOPs not: a lower bound) and share of it:")
+    for r in rows:
+        print(f"  batch {r['batch']:>3}: native {r['native_gemm_gflops']:.2f} GFLOP/s = "
+              f"{100 * r['native_share_of_gemm_peak']:.1f}%, hf {r['hf_gemm_gflops']:.2f} GFLOP/s = "
+              f"{100 * r['hf_share_of_gemm_peak']:.1f}% of it")
+    server = result.get("server")
+    if server:
+        print(f"\nserver (native, {server['clients']} concurrent openai clients, {server['requests']} completions, "
+              f"max_tokens {c['server_max_tokens']}): {server['completions_per_s']} completions/s, "
+              f"{server['tokens_per_s']} tokens/s, up to {server['max_rows_batched']} sequences per batch")
     print("bound = HF row-steps / completion tokens: the speed-up continuous batching alone gives when both "
           "pay the same per row-step")
-    print(f"\nwrote {args.out}")
+
+
+def load_result(path: str) -> dict[str, Any]:
+    try:
+        result = json.loads(Path(path).read_text())
+        result["rows"], result["config"], result["gemm_peak_gflops"]  # noqa: B018  (a result file has these)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"error: --render {path}: not a saved engine_vs_hf result ({type(err).__name__}: {err})") from err
+    return result
 
 
 if __name__ == "__main__":

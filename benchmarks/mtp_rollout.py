@@ -90,7 +90,7 @@ def collect_run(engine: Any, task: Any, args: argparse.Namespace) -> dict[str, A
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint dir with MTP layers")
+    ap.add_argument("--model", help="checkpoint dir with MTP layers (required unless --render)")
     ap.add_argument("--task", default="arith")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch-groups", type=int, default=8)
@@ -108,7 +108,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/mtp_rollout.json")
+    ap.add_argument("--render", metavar="JSON", help="print the table of a saved result and exit (runs nothing)")
     args = ap.parse_args(argv)
+    if args.render:
+        result = load_result(args.render)
+        print_table(result)
+        return result
+    if not args.model:
+        ap.error("--model is required (or --render JSON)")
 
     import torch
 
@@ -202,21 +209,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row["ratio"] = round(row["tok_s"] / base, 3)
         row["ratio_cpu"] = round(row["tok_per_cpu_s"] / base_cpu, 3)
 
-    print(f"\nRL rollouts, plain vs MTP drafts ({args.model}, task {args.task}, {args.steps} steps x "
-          f"{args.batch_groups} groups x {args.group_size}, T=1, max_tokens {args.max_tokens}, engine batch "
-          f"{args.engine_batch}, threads {args.threads}, best of {args.repeats}, load average {load_start[0]:.1f})")
-    print(f"{'config':>20} | tok/s | ratio | tok/cpu-s | ratio | acceptance per position | fallback steps | "
-          "drift max | drift mean")
-    for name, r in rows.items():
-        acc = " ".join(f"{a:.2f}" for a in r.get("acceptance", [])) or "-"
-        print(f"{name:>20} | {r['tok_s']:5.0f} | {r['ratio']:4.2f}x | {r['tok_per_cpu_s']:9.0f} | {r['ratio_cpu']:4.2f}x | "
-              f"{acc:<23} | {r.get('fallback_steps', '-')!s:>14} | {r['drift']['max']:9.2e} | {r['drift']['mean']:9.2e}")
     result = {"rows": rows, "calibration": calibration, "load_average_at_start": load_start,
               "load_average_at_end": os.getloadavg(), "torch_threads": torch.get_num_threads(),
               **run_metadata(dict(vars(args)), seed=args.seed)}
+    print_table(result)
     atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
     return result
+
+
+def load_result(path: str) -> dict[str, Any]:
+    import json
+
+    from thinkforge.errors import ThinkforgeError
+
+    try:
+        result = json.loads(Path(path).read_text())
+        result["rows"], result["config"]  # noqa: B018  (a result file has both)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ThinkforgeError(f"--render {path}: not a saved mtp_rollout result ({type(err).__name__}: {err})") from err
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """The table, from a result dict (a fresh run's or a saved JSON's: `--render`)."""
+    c = result["config"]
+    print(f"\nRL rollouts, plain vs MTP drafts ({c['model']}, task {c['task']}, {c['steps']} steps x "
+          f"{c['batch_groups']} groups x {c['group_size']}, T=1, max_tokens {c['max_tokens']}, engine batch "
+          f"{c['engine_batch']}, threads {c['threads']}, best of {c['repeats']}, load average "
+          f"{result['load_average_at_start'][0]:.1f})")
+    print(f"{'config':>20} | tok/s | ratio | tok/cpu-s | ratio | acceptance per position | fallback steps | "
+          "drift max | drift mean")
+    for name, r in result["rows"].items():
+        acc = " ".join(f"{a:.2f}" for a in r.get("acceptance", [])) or "-"
+        print(f"{name:>20} | {r['tok_s']:5.0f} | {r['ratio']:4.2f}x | {r['tok_per_cpu_s']:9.0f} | {r['ratio_cpu']:4.2f}x | "
+              f"{acc:<23} | {r.get('fallback_steps', '-')!s:>14} | {r['drift']['max']:9.2e} | {r['drift']['mean']:9.2e}")
 
 
 if __name__ == "__main__":

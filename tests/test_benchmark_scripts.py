@@ -63,6 +63,11 @@ def test_engine_vs_hf_identical_greedy_and_server(tmp_path):
     assert [r["batch"] for r in res["rows"]] == [1, 4]
     assert all(r["greedy_identical"] and r["native_tok_s"] > 0 and r["hf_tok_s"] > 0 for r in res["rows"])
     assert res["server"]["requests"] == 8 and res["server"]["completions_per_s"] > 0
+    assert all(0 < r["native_share_of_gemm_peak"] < 1 and r["hf_gemm_gflops"] > 0 for r in res["rows"])
+    # --render prints the saved run's tables (nothing runs): the GEMM shares and the server line included
+    shown = run_script("engine_vs_hf.py", "--render", str(out)).stdout
+    assert "machine limit: 2048x2048 fp32 torch.matmul at 1 threads" in shown
+    assert f"{100 * res['rows'][1]['native_share_of_gemm_peak']:.1f}%" in shown and "8 completions" in shown
 
 
 def test_rollout_ablation_same_batches_in_every_mode(micro, tmp_path):

@@ -205,6 +205,20 @@ def test_rollout_benchmark_plain_vs_mtp_with_logprob_drift(rollout_bench, checkp
     assert json.loads((tmp_path / "r.json").read_text())["rows"]["plain"]["tokens"] == rows["plain"]["tokens"]
 
 
+def test_rollout_benchmark_renders_a_saved_result(rollout_bench, checkpoint, tmp_path, capsys):
+    """`--render JSON` prints the saved run's table without running anything; a bad file is a one-line error."""
+    common = ["--model", checkpoint, "--threads", "1", "--steps", "1", "--batch-groups", "2", "--group-size", "2",
+              "--max-tokens", "8", "--engine-batch", "4", "--ks", "1", "--repeats", "1", "--max-slots-factor", "1"]
+    rollout_bench.main([*common, "--out", str(tmp_path / "r.json")])
+    fresh = capsys.readouterr().out
+    table = fresh[fresh.index("RL rollouts"):fresh.index("wrote ")]
+    assert rollout_bench.main(["--render", str(tmp_path / "r.json")])["rows"].keys() == {"plain", "mtp k=1"}
+    assert capsys.readouterr().out.strip() == table.strip()
+    (tmp_path / "bad.json").write_text('{"rows": {}}')
+    with pytest.raises(ThinkforgeError, match="bad.json: not a saved mtp_rollout result"):
+        rollout_bench.main(["--render", str(tmp_path / "bad.json")])
+
+
 def test_rollout_benchmark_bad_input_is_one_line_errors(rollout_bench, checkpoint, tmp_path):
     tok = build_tokenizer()
     plain = str(save_model(build_tiny_model(tok, seed=0), tok, tmp_path / "plain"))
