@@ -209,3 +209,27 @@ def test_packed_training_matches_padded_training(tmp_path):
     update = torch.cat([(w[False][k] - start[k.removeprefix("model.visual.")]).flatten() for k in vit]).norm()
     gap = torch.cat([(w[True][k] - w[False][k]).flatten() for k in vit]).norm()
     assert update > 0 and gap <= 1e-6 * update  # the same update, relative to its size
+
+
+def test_llm_text_warmup_stage_trains_only_the_llm_on_image_free_prompts(tmp_path):
+    """A from-scratch LLM can learn the tasks' language first (`trainable: llm`, `text_only: true`): the ViT and
+    projector stay bit-identical, the prompts carry no image tokens, and only an llm stage may drop images."""
+    stage = {"name": "s0", "trainable": "llm", "text_only": True, "tasks": ["vl_count", "vl_compare"], "steps": 2,
+             "lr": 1e-2}
+    cfg = VLPretrainConfig(preset="micro", out_dir=str(tmp_path), stages=[stage], problems_per_task=4, batch_size=4,
+                           device="cpu", warmup_steps=0, seed=0)
+    result = vl_pretrain(cfg)
+    fresh, _ = build_tiny_vl(["x"], "micro", seed=0)
+    s0 = result["stages"][0]
+    from thinkforge.vl.model import load_vl
+
+    model, proc = load_vl(s0["model_dir"], device="cpu", dtype="float32")
+    assert s0["trainable_params"] == module_parameters(model)["llm"]
+    w = _weights(Path(s0["model_dir"]))
+    assert _same(_part(w, "model.visual."), {f"model.visual.{k}": v for k, v in fresh.model.visual.state_dict().items()})
+    kept, _ = stage_examples(cfg, stage, proc)
+    assert len(kept) == 8 and all(sum(ex.enc.mm_token_type_ids) == 0 and ex.enc.pixel_values is None for ex in kept)
+    with_images, _ = stage_examples(cfg, {**stage, "text_only": False}, proc)
+    assert all(sum(ex.enc.mm_token_type_ids) > 0 for ex in with_images)
+    with pytest.raises(ThinkforgeError, match=r"stages\[0\]\.text_only: only a trainable: llm stage"):
+        VLPretrainConfig(stages=[{**stage, "trainable": "all"}]).check()

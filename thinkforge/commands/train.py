@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -90,7 +91,9 @@ def speedrun_cmd(
 
     overrides = _cli_overrides(set_, seed=seed, device=device)
     overrides.setdefault("out_dir", out or f"runs/speedrun-{preset}")
-    if preset.startswith("vl-"):  # MiMo-VL's recipe (thinkforge.train.vl_speedrun); the text presets are unchanged
+    # MiMo-VL's recipe (thinkforge.train.vl_speedrun) for vl-* presets and YAML files named vl-*.yaml; the text
+    # presets are unchanged
+    if Path(preset).name.startswith("vl-"):
         from thinkforge.train.vl_speedrun import load_vl_speedrun_config, run_vl_speedrun
 
         vl_cfg = load_vl_speedrun_config(preset, overrides)

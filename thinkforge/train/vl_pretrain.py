@@ -7,7 +7,9 @@
     4 long-context SFT       everything                            all tasks, longer sequences  lr 2.5e-5 (x)
 
 (x) the report's rates are for a pretrained 7B LLM; a tiny model from scratch gets larger ones in the
-recipes. Each stage trains on the tasks' teacher solutions (loss on the response tokens only) and asserts
+recipes. MiMo-VL starts from a pretrained LLM; a from-scratch one gets a stage 0 (`trainable: llm`, `text_only:
+true`: the tasks' prompts and solutions without images) so that stages 1-2, with the LLM frozen, can only lower
+the loss by carrying information from the image (without it the tiny VL model ignored shape and count). Each stage trains on the tasks' teacher solutions (loss on the response tokens only) and asserts
 its trainable-parameter count: exactly the projector, the ViT + projector, or all parameters. A sample is
 never truncated (that would cut image tokens and desynchronise them from the image features): samples
 over the stage's `max_seq_len` are dropped and counted. By default rows are padded, and the model builds every
@@ -37,7 +39,7 @@ from thinkforge.train.common import MetricLog, cosine_lr, make_optimizer, write_
 from thinkforge.utils import asdict, ensure_writable_dir, run_metadata, seed_everything
 
 IGNORE = -100
-TRAINABLE = ("projector", "vit+projector", "all")
+TRAINABLE = ("llm", "projector", "vit+projector", "all")
 CAPTION_TASKS = ["vl_caption"]
 INTERLEAVED_TASKS = ["vl_caption", "vl_compare"]
 ALL_TASKS = ["vl_caption", "vl_compare", "vl_count", "vl_ground", "vl_point", "vl_digits", "vl_chart"]
@@ -82,6 +84,8 @@ class VLPretrainConfig:
             for key in ("name", "trainable", "tasks", "steps", "lr"):
                 if key not in st:
                     raise ThinkforgeError(f"{where}: missing field {key!r}")
+            if st.get("text_only") and st["trainable"] != "llm":
+                raise ThinkforgeError(f"{where}.text_only: only a trainable: llm stage can drop the images")
             if st["trainable"] not in TRAINABLE:
                 raise ThinkforgeError(f"{where}.trainable: must be one of {', '.join(TRAINABLE)}, got {st['trainable']!r}")
             if st["name"] in names:
@@ -95,17 +99,19 @@ class VLPretrainConfig:
 
 # ---------------------------------------------------------------------------------------- freezing
 def set_trainable(model: Any, which: str) -> int:
-    """Freezes all but `which` (projector | vit+projector | all); returns the trainable-parameter count
+    """Freezes all but `which` (llm | projector | vit+projector | all); returns the trainable-parameter count
     after asserting it is exactly that part's size."""
     from thinkforge.vl.model import module_parameters
 
     counts = module_parameters(model)
-    model.requires_grad_(which == "all")
-    if which == "projector":
+    model.requires_grad_(which in ("all", "llm"))
+    if which == "llm":
+        model.model.visual.requires_grad_(False)
+    elif which == "projector":
         model.model.visual.merger.requires_grad_(True)
     elif which == "vit+projector":
         model.model.visual.requires_grad_(True)
-    expected = {"projector": counts["projector"], "vit+projector": counts["projector"] + counts["vit"],
+    expected = {"llm": counts["llm"], "projector": counts["projector"], "vit+projector": counts["projector"] + counts["vit"],
                 "all": counts["total"]}[which]
     got = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if got != expected:
@@ -120,9 +126,15 @@ class VLExample:
     labels: list[int]
 
 
-def encode_example(processor: Any, task: Any, problem: Any, response: str) -> VLExample:
-    """Prompt (chat template, images expanded) + response + <|im_end|>, loss on the response only."""
-    prompt = processor.encode_chat(task.messages(problem), problem.meta.get("images", []), where=f"problem {problem.id}")
+def encode_example(processor: Any, task: Any, problem: Any, response: str, text_only: bool = False) -> VLExample:
+    """Prompt (chat template, images expanded) + response + <|im_end|>, loss on the response only. `text_only`
+    drops the images (the LLM warm-up stage: a from-scratch LLM learns the tasks' language first)."""
+    messages = task.messages(problem)
+    if text_only:
+        messages = [{**m, "content": [c for c in m["content"] if c.get("type") != "image"]}
+                    if isinstance(m["content"], list) else m for m in messages]
+    images = [] if text_only else problem.meta.get("images", [])
+    prompt = processor.encode_chat(messages, images, where=f"problem {problem.id}")
     tok = processor.tokenizer
     reply = tok(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
     return VLExample(processor.extend(prompt, reply), [IGNORE] * prompt.length + reply)
@@ -138,7 +150,7 @@ def stage_examples(cfg: VLPretrainConfig, stage: dict[str, Any], processor: Any,
     for name in stage["tasks"]:
         task = get_task(name)
         for p in task.problems(split, n=n or cfg.problems_per_task, seed=cfg.seed, difficulty=stage.get("difficulty")):
-            ex = encode_example(processor, task, p, p.solution)
+            ex = encode_example(processor, task, p, p.solution, text_only=bool(stage.get("text_only", False)))
             if ex.enc.length > max_len:
                 dropped += 1  # never truncated: a cut inside image tokens breaks the image/feature match
                 continue
