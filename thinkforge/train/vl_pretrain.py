@@ -9,8 +9,9 @@
 (x) the report's rates are for a pretrained 7B LLM; a tiny model from scratch gets larger ones in the
 recipes. MiMo-VL starts from a pretrained LLM; a from-scratch one gets a stage 0 (`trainable: llm`, `text_only:
 true`: the tasks' prompts and solutions without images) so that stages 1-2, with the LLM frozen, can only lower
-the loss by carrying information from the image (without it the tiny VL model ignored shape and count). Each stage trains on the tasks' teacher solutions (loss on the response tokens only) and asserts
-its trainable-parameter count: exactly the projector, the ViT + projector, or all parameters. A sample is
+the loss by carrying information from the image (without it the tiny VL model ignored shape and count). Each
+stage trains on the tasks' teacher solutions (loss on the response tokens only) and asserts its trainable-parameter
+count: exactly the LLM, the projector, the ViT + projector, or all parameters. A sample is
 never truncated (that would cut image tokens and desynchronise them from the image features): samples
 over the stage's `max_seq_len` are dropped and counted. By default rows are padded, and the model builds every
 row's MRoPE positions from its own `mm_token_type_ids`. With `pack: true` a step's samples are packed (first-fit
