@@ -71,6 +71,40 @@ def test_vl_rollout_groups_train_the_whole_model_on_policy(setup):
     assert all(torch.equal(a, b) for a, b in zip(engine.model.parameters(), model.parameters(), strict=True))
 
 
+def test_requests_with_the_same_prompt_text_sample_from_their_own_images(setup):
+    """Every count prompt has the same ids (the image is 16 identical pad tokens): a request must carry its own
+    problem's pixels, or rollouts answer another problem's image and the rewards grade the wrong picture."""
+    from thinkforge.engine.base import SamplingParams
+    from thinkforge.errors import ThinkforgeError
+    from thinkforge.rollout.data import Slot
+
+    model, proc, tasks = setup
+    engine = VLRolloutEngine(copy.deepcopy(model).eval().requires_grad_(False), proc)
+    rollout = VLSeamlessRollout(engine, None, tasks, RolloutConfig(group_size=2, max_tokens=6, temperature=1.0))
+    problems = tasks["vl_count"].problems("train", n=3, seed=0)
+    encs = []
+    for i, p in enumerate(problems):
+        rollout.prompt_ids(Slot(i, p, "main", i, 0))
+        encs.append(rollout._vl_encodings[p.id])
+    assert encs[0].input_ids == encs[1].input_ids == encs[2].input_ids
+    assert not torch.equal(encs[0].pixel_values, encs[1].pixel_values)
+    params = SamplingParams(temperature=1.0, max_tokens=6, n=2, seed=7, logprobs=True)
+    for i, enc in enumerate(encs):
+        engine.add_encoded(enc, params, request_id=f"r{i}")
+    outs = engine.step()
+    for i, enc in enumerate(encs):
+        own = engine.backend.generate_encoded([enc], params)[0]
+        got = [o.completion for o in outs if o.request_id == f"r{i}"]
+        assert [c.token_ids for c in got] == [c.token_ids for c in own]
+        assert [c.logprobs for c in got] == [c.logprobs for c in own]
+    # The check can fail: the untrained model's log-probs depend on the image.
+    other = engine.backend.generate_encoded([encs[1]], params)[0]
+    mine = [o.completion for o in outs if o.request_id == "r0"]
+    assert [c.logprobs for c in mine] != [c.logprobs for c in other]
+    with pytest.raises(ThinkforgeError, match="image tokens but no images"):
+        engine.add_request(encs[0].input_ids, params, request_id="bare")
+
+
 def test_text_samples_collate_as_before_and_bad_token_types_fail():
     rows = [TrainSample([1, 2, 3, 4], 2, [-0.5, -0.2], 1.0, True), TrainSample([1, 2, 5], 2, [-0.1], -1.0, True)]
     batch = collate(rows, 0, "cpu")

@@ -26,6 +26,20 @@ def test_vl_smoke_runs_every_stage_and_writes_the_report(tmp_path):
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert on_disk["stages"].keys() == report["stages"].keys()
     assert "| morl |" in (tmp_path / "run" / "report.md").read_text()
+    # MORL is tested against the stage it started from on the same held-out problems: per task, and pooled over
+    # the RL tasks that were evaluated (vl_count only here: vl_caption is not an eval task).
+    stats = report["statistics"]
+    assert stats["intervals"]["morl"]["vl_count"]["n"] == 2
+    paired = {p["task"]: p for p in stats["paired"]}
+    assert set(paired) == {"vl_count", "vl_ground", "rl_tasks_pooled"}
+    for p in paired.values():
+        assert (p["a"], p["b"]) == ("stage4_long_sft", "morl") and p["n"] == 2 and 0.0 <= p["p_value"] <= 1.0
+        assert p["a_only"] + p["b_only"] <= p["n"]
+    for key in ("a_only", "b_only", "n"):
+        assert paired["rl_tasks_pooled"][key] == paired["vl_count"][key]
+    stage4 = report["stages"]["stage4_long_sft"]["accuracy"]["vl_count"]
+    assert paired["vl_count"]["difference"] == round(report["stages"]["morl"]["accuracy"]["vl_count"] - stage4, 6)
+    assert "| rl_tasks_pooled | 2 |" in (tmp_path / "run" / "report.md").read_text()
     rows = read_jsonl(tmp_path / "run" / "morl" / "metrics.jsonl")
     assert any("reward/vl_count" in r for r in rows) and any("reward/vl_caption" in r for r in rows)
     # The Bradley-Terry reward model trained first and reached MORL's caption route through reward_options.

@@ -21,7 +21,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _greedy_correct(path: Path) -> dict[str, bool]:
+def greedy_correct(path: Path) -> dict[str, bool]:
     """problem id -> correct, from a stage's greedy held-out samples (one per problem)."""
     return {str(r["problem_id"]): bool(r["correct"]) for r in read_rows(path)}
 
@@ -35,7 +35,7 @@ def stage_statistics(eval_dir: Path, stage_names: list[str], tasks: list[str],
 
     intervals: dict[str, dict[str, Any]] = {}
     sampled: dict[str, dict[str, Any]] = {}
-    correct = {(n, t): _greedy_correct(eval_dir / n / t / "samples.jsonl") for n in stage_names for t in tasks}
+    correct = {(n, t): greedy_correct(eval_dir / n / t / "samples.jsonl") for n in stage_names for t in tasks}
     for name in stage_names:
         for t in tasks:
             greedy = read_rows(eval_dir / name / t / "samples.jsonl")
@@ -204,13 +204,13 @@ def ablation_table(eval_dir: Path, stage_names: list[str], labels: dict[str, str
     names = [n for n in stage_names if task in intervals.get(n, {})]
     if len(names) < 2:
         return None
-    first = _greedy_correct(eval_dir / names[0] / task / "samples.jsonl")
+    first = greedy_correct(eval_dir / names[0] / task / "samples.jsonl")
     rows = []
     for n in names:
         row = {"stage": n, "label": labels.get(n, n), "interval": intervals[n][task],
                **(code_test_stats(eval_dir, n, task) or {})}
         if n != names[0]:
-            row["vs_first"] = mcnemar(first, _greedy_correct(eval_dir / n / task / "samples.jsonl")).to_dict()
+            row["vs_first"] = mcnemar(first, greedy_correct(eval_dir / n / task / "samples.jsonl")).to_dict()
         rows.append(row)
     return {"task": task, "rows": rows}
 

@@ -158,7 +158,11 @@ class SeamlessRollout:
                   filter_degenerate=cfg.filter_degenerate, version=self.policy_version)
         groups.append(g)
         by_rid[rid] = g
-        self.engine.add_request(g.prompt_ids, params, request_id=rid)
+        self._submit(g, params)
+
+    def _submit(self, g: Group, params: SamplingParams) -> None:
+        """Hands a new group's request to the engine (the VL scheduler sends its images with it)."""
+        self.engine.add_request(g.prompt_ids, params, request_id=g.request_id)
 
     def _drop(self, g: Group, by_rid: dict[str, Group]) -> None:
         if not g.complete:

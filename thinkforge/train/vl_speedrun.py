@@ -135,11 +135,33 @@ def run_vl_speedrun(cfg: VLSpeedrunConfig, progress: Any = None) -> dict[str, An
     model, _ = load_vl(pre["model_dir"], device="cpu", dtype="float32")
     report = {"stages": stages, "model": {"architecture": "Qwen2_5_VLForConditionalGeneration",
                                           **module_parameters(model)},
+              "statistics": paired_statistics(out / "eval", list(stages), cfg),
               **({"reward_model": reward_model} if reward_model else {}),
               "total_wall_s": round(time.time() - t0, 1), **run_metadata(asdict(cfg), cfg.seed)}
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
+
+
+def paired_statistics(eval_dir: Path, stage_names: list[str], cfg: VLSpeedrunConfig) -> dict[str, Any]:
+    """Wilson intervals per stage and task, and McNemar's paired test of MORL against the SFT stage it started
+    from, per task and pooled over the tasks RL trained on (same held-out problems, so the test is paired)."""
+    from thinkforge.eval.stats import mcnemar
+    from thinkforge.speedrun_report import greedy_correct, stage_statistics
+
+    pairs = [(stage_names[-2], "morl")] if "morl" in stage_names and len(stage_names) > 1 else []
+    stats = stage_statistics(eval_dir, stage_names, list(cfg.eval_tasks), pairs)
+    if pairs:
+        before, after = pairs[0]
+        a: dict[str, bool] = {}
+        b: dict[str, bool] = {}
+        for t in (cfg.rl or {}).get("tasks") or cfg.eval_tasks:
+            if t in cfg.eval_tasks:
+                a.update(greedy_correct(eval_dir / before / t / "samples.jsonl"))
+                b.update(greedy_correct(eval_dir / after / t / "samples.jsonl"))
+        if a and set(a) == set(b):
+            stats["paired"].append({"a": before, "b": after, "task": "rl_tasks_pooled", **mcnemar(a, b).to_dict()})
+    return stats
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -154,6 +176,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     for name, s in report["stages"].items():
         cells = [f"{100 * s['accuracy'][t]:.1f}%" if t in s["accuracy"] else "-" for t in tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['train_wall_s']} |")
+    paired = (report.get("statistics") or {}).get("paired") or []
+    if paired:
+        lines += ["", f"MORL against the stage it started from ({paired[0]['a']}), McNemar on the same held-out "
+                      "problems (`rl_tasks_pooled`: every task RL trained on):", "",
+                  "| task | problems | right only before | right only after | difference | p |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {p['task']} | {p['n']} | {p['a_only']} | {p['b_only']} | {100 * p['difference']:+.1f} pts | "
+                  f"{p['p_value']:.3g} |" for p in paired]
     rm = report.get("reward_model")
     if rm:
         per_kind = ", ".join(f"{k} {100 * v:.1f}%" for k, v in rm["heldout_pair_accuracy"].items() if k != "all")

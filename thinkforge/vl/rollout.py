@@ -1,10 +1,11 @@
 """MORL rollouts: the Seamless Rollout scheduler and the GRPO trainer of the text RL stack, on VL models.
 
 - `VLRolloutEngine` implements the `thinkforge.cluster.roles.RolloutEngine` interface with HF
-  `generate` (through `HFVLBackend`: vision tokens suppressed, 3D MRoPE, policy log-probs). A request's
-  images are the ones its prompt ids were encoded with (`register`). Each `step` generates every queued
-  request, one `generate` per request seeded with the request's seed, so reruns match; it trades the
-  native engine's continuous batching (text-only) for simplicity.
+  `generate` (through `HFVLBackend`: vision tokens suppressed, 3D MRoPE, policy log-probs). A request
+  with images comes in through `add_encoded`, which binds the processor's encoding (ids and pixels) to
+  the request id: prompts of one task share their text, so equal prompt ids say nothing about the image.
+  Each `step` generates every queued request, one `generate` per request seeded with the request's seed,
+  so reruns match; it trades the native engine's continuous batching (text-only) for simplicity.
 - `VLSeamlessRollout` is `SeamlessRollout` with prompts encoded by the VL processor; every group it
   admits carries its prompt's vision inputs (`Group.mm`), which `thinkforge.train.grpo.build_samples`
   hands to the trainer. Dynamic sampling, the easy pool, the reward router and the GRPO objective are
@@ -33,7 +34,6 @@ class VLRolloutEngine:
         self.backend = HFVLBackend((model, processor), batch_size=max_batch_size)
         self.max_batch_size = max_batch_size
         self._receiver = VersionedReceiver(self.load_weights, version)
-        self._encodings: dict[tuple[int, ...], VLEncoding] = {}
         self._queue: list[tuple[str, VLEncoding, SamplingParams]] = []
 
     @property
@@ -48,17 +48,13 @@ class VLRolloutEngine:
     def num_waiting(self) -> int:
         return sum(p.n for _, _, p in self._queue)
 
-    def register(self, enc: VLEncoding) -> list[int]:
-        """Makes `enc.input_ids` carry `enc`'s images when they come back through `add_request`."""
-        self._encodings[tuple(enc.input_ids)] = enc
-        return enc.input_ids
-
     def add_request(self, prompt_ids: list[int], params: SamplingParams, *, request_id: str) -> str:
-        enc = self._encodings.get(tuple(prompt_ids))
-        if enc is None:
-            if self.processor.image_token_id in prompt_ids:
-                raise ThinkforgeError(f"request {request_id}: prompt has image tokens but no registered images")
-            enc = VLEncoding(list(prompt_ids), [0] * len(prompt_ids))
+        """A text-only request; one whose prompt holds image tokens must come with its images (`add_encoded`)."""
+        if self.processor.image_token_id in prompt_ids:
+            raise ThinkforgeError(f"request {request_id}: prompt has image tokens but no images; use add_encoded")
+        return self.add_encoded(VLEncoding(list(prompt_ids), [0] * len(prompt_ids)), params, request_id=request_id)
+
+    def add_encoded(self, enc: VLEncoding, params: SamplingParams, *, request_id: str) -> str:
         self._queue.append((request_id, enc, params))
         return request_id
 
@@ -77,8 +73,10 @@ class VLRolloutEngine:
         return bool(self._queue)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        encs = [self._encodings.get(tuple(p)) or VLEncoding(list(p), [0] * len(p)) for p in prompts]
-        return self.backend.generate_encoded(encs, params)
+        """Text-only prompts (prompts with images go through `backend.generate_encoded` with their encodings)."""
+        if any(self.processor.image_token_id in p for p in prompts):
+            raise ThinkforgeError("generate: a prompt has image tokens but no images; use backend.generate_encoded")
+        return self.backend.generate_encoded([VLEncoding(list(p), [0] * len(p)) for p in prompts], params)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())
@@ -111,20 +109,23 @@ def build_vl_roles(cfg: Any, model: Any, processor: Any, router: Any) -> Any:
 
 
 class VLSeamlessRollout(SeamlessRollout):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._vl_encodings: dict[str, VLEncoding] = {}  # problem id -> its encoding (ids, pixels, token types)
+
     def prompt_ids(self, slot: Any) -> list[int]:
         pid = slot.problem.id
         if pid not in self._prompt_cache:
             task = self.tasks[slot.problem.task]
             messages, images = split_images(task.messages(slot.problem, self.cfg.system_prompt), f"problem {pid}")
             enc = self.engine.processor.encode_chat(messages, images, where=f"problem {pid}")
-            self._vl_encodings = getattr(self, "_vl_encodings", {})
             self._vl_encodings[pid] = enc
-            self._prompt_cache[pid] = self.engine.register(enc)
+            self._prompt_cache[pid] = enc.input_ids
         return self._prompt_cache[pid]
 
-    def _admit(self, draw: Any, groups: list[Any], by_rid: dict[str, Any]) -> None:
-        super()._admit(draw, groups, by_rid)
-        g = groups[-1]
+    def _submit(self, g: Any, params: SamplingParams) -> None:
+        # The request carries its own problem's images: every count prompt has the same ids.
         enc = self._vl_encodings[g.slot.problem.id]
         g.mm = {"pixel_values": enc.pixel_values, "image_grid_thw": enc.image_grid_thw,
                 "mm_token_type_ids": enc.mm_token_type_ids, "suppress_ids": self.engine.processor.vision_token_ids}
+        self.engine.add_encoded(enc, params, request_id=g.request_id)
