@@ -14,7 +14,8 @@ def test_vl_smoke_runs_every_stage_and_writes_the_report(tmp_path):
                                                "rl.tasks": ["vl_count", "vl_caption"],
                                                "pretrain.problems_per_task": 6, "rl.problems_per_task": 4,
                                                "eval_max_tokens": 8, "rl.max_tokens": 8, "rl.eval_max_tokens": 8,
-                                               "rl.eval_problems": 1, "rl.max_slots_factor": 1.0})
+                                               "rl.eval_problems": 1, "rl.max_slots_factor": 1.0,
+                                               "eval_samples": 2})
     assert cfg.pretrain["preset"] == "micro" and cfg.rl["steps"] == 1
     report = run_vl_speedrun(cfg)
     assert list(report["stages"]) == ["stage1_projector", "stage2_vit_projector", "stage3_all", "stage4_long_sft",
@@ -40,6 +41,13 @@ def test_vl_smoke_runs_every_stage_and_writes_the_report(tmp_path):
     stage4 = report["stages"]["stage4_long_sft"]["accuracy"]["vl_count"]
     assert paired["vl_count"]["difference"] == round(report["stages"]["morl"]["accuracy"]["vl_count"] - stage4, 6)
     assert "| rl_tasks_pooled | 2 |" in (tmp_path / "run" / "report.md").read_text()
+    # T=1 draws (eval_samples) on the RL tasks, for MORL and its starting stage only: sampled pass@1 and pass@2.
+    assert set(stats["sampled"]) == {"stage4_long_sft", "morl"}
+    for per_task in stats["sampled"].values():
+        assert set(per_task) == {"vl_count"} and per_task["vl_count"]["k"] == 2
+        assert per_task["vl_count"]["pass1"]["estimate"] <= per_task["vl_count"]["passk"]["estimate"]
+    assert len(read_jsonl(tmp_path / "run" / "eval" / "morl-sampled" / "vl_count" / "samples.jsonl")) == 4
+    assert "sampled pass@1" in (tmp_path / "run" / "report.md").read_text()
     rows = read_jsonl(tmp_path / "run" / "morl" / "metrics.jsonl")
     assert any("reward/vl_count" in r for r in rows) and any("reward/vl_caption" in r for r in rows)
     # The Bradley-Terry reward model trained first and reached MORL's caption route through reward_options.

@@ -46,6 +46,9 @@ class VLSpeedrunConfig:
     eval_problems: int = 50  # held-out problems per task and stage
     eval_max_tokens: int = 48
     eval_batch_size: int = 32
+    # T=1 samples per held-out problem of the RL tasks, for MORL and the stage it started from: sampled pass@1
+    # (what RL optimises) and pass@k (what it can reach) beside greedy; 0 = greedy only
+    eval_samples: int = 0
 
 
 def load_vl_speedrun_config(preset: str, overrides: dict[str, Any]) -> VLSpeedrunConfig:
@@ -63,17 +66,20 @@ def load_vl_speedrun_config(preset: str, overrides: dict[str, Any]) -> VLSpeedru
     return cfg
 
 
-def evaluate_vl(model_dir: str, cfg: VLSpeedrunConfig, out_dir: Path) -> dict[str, float]:
-    """Held-out greedy accuracy per task (the harness resumes: a rerun reuses written samples)."""
+def evaluate_vl(model_dir: str, cfg: VLSpeedrunConfig, out_dir: Path, samples: int = 0,
+                tasks: list[str] | None = None) -> dict[str, float]:
+    """Held-out accuracy per task, greedy, or with `samples` T=1 draws per problem (the harness resumes: a
+    rerun reuses written samples)."""
     from thinkforge.engine.base import SamplingParams
     from thinkforge.eval import evaluate
     from thinkforge.tasks import get_task
     from thinkforge.vl.backend import HFVLBackend
 
     backend = HFVLBackend(model_dir, device=cfg.device, dtype="float32", batch_size=cfg.eval_batch_size)
-    params = SamplingParams(temperature=0.0, max_tokens=cfg.eval_max_tokens, seed=cfg.seed)
+    params = (SamplingParams(temperature=1.0, max_tokens=cfg.eval_max_tokens, n=samples, seed=cfg.seed) if samples
+              else SamplingParams(temperature=0.0, max_tokens=cfg.eval_max_tokens, seed=cfg.seed))
     acc = {}
-    for name in cfg.eval_tasks:
+    for name in tasks or cfg.eval_tasks:
         task = get_task(name)
         summary = evaluate(task, backend, params, problems=task.problems("heldout", n=cfg.eval_problems, seed=0),
                            output_dir=out_dir, seed=cfg.seed)
@@ -132,6 +138,11 @@ def run_vl_speedrun(cfg: VLSpeedrunConfig, progress: Any = None) -> dict[str, An
                                                                                      out / "eval" / "morl"),
                           "train_wall_s": round(summary["wall_s"], 2), "eval_wall_s": round(time.time() - t, 2),
                           "steps": summary["steps"], "stopped": summary["stopped"]}
+        if cfg.eval_samples:
+            rl_tasks = [t for t in rl_cfg.tasks if t in cfg.eval_tasks]
+            before = pre["stages"][-1]
+            for name, model_dir in ((before["stage"], before["model_dir"]), ("morl", summary["model_dir"])):
+                evaluate_vl(model_dir, cfg, out / "eval" / f"{name}-sampled", cfg.eval_samples, rl_tasks)
     model, _ = load_vl(pre["model_dir"], device="cpu", dtype="float32")
     report = {"stages": stages, "model": {"architecture": "Qwen2_5_VLForConditionalGeneration",
                                           **module_parameters(model)},
@@ -164,6 +175,10 @@ def paired_statistics(eval_dir: Path, stage_names: list[str], cfg: VLSpeedrunCon
     return stats
 
 
+def _pct(iv: dict[str, Any]) -> str:
+    return f"{100 * iv['estimate']:.1f}% [{100 * iv['low']:.1f}, {100 * iv['high']:.1f}]"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     tasks = sorted({t for s in report["stages"].values() for t in s["accuracy"]})
     m = report["model"]
@@ -184,6 +199,15 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {p['task']} | {p['n']} | {p['a_only']} | {p['b_only']} | {100 * p['difference']:+.1f} pts | "
                   f"{p['p_value']:.3g} |" for p in paired]
+    sampled = (report.get("statistics") or {}).get("sampled") or {}
+    if sampled:
+        lines += ["", "T=1 samples on the RL tasks' held-out problems (95% intervals over problems):", "",
+                  "| stage | task | greedy | sampled pass@1 | sampled pass@k |", "|---|---|---|---|---|"]
+        for name, per_task in sampled.items():
+            for t, smp in per_task.items():
+                g = report["statistics"]["intervals"][name][t]
+                lines.append(f"| {name} | {t} | {_pct(g)} | {_pct(smp['pass1'])} | "
+                             f"pass@{smp['k']} {_pct(smp['passk'])} |")
     rm = report.get("reward_model")
     if rm:
         per_kind = ", ".join(f"{k} {100 * v:.1f}%" for k, v in rm["heldout_pair_accuracy"].items() if k != "all")
