@@ -96,3 +96,21 @@ def test_pass_at_k_interval_and_report_card() -> None:
     assert card["sampled_pass8"]["estimate"] == pytest.approx(2 / 3, abs=1e-6)
     with pytest.raises(ThinkforgeError, match="pass@16"):
         report_card(greedy, sampled, k=16)
+
+
+def test_paired_rate_difference_matches_a_paired_t_interval() -> None:
+    import numpy as np
+
+    from thinkforge.eval.stats import paired_rate_difference
+
+    a = {"p1": (8, 2), "p2": (8, 4), "p3": (8, 8), "p4": (4, 0)}
+    b = {"p1": (8, 6), "p2": (8, 4), "p3": (8, 7), "p4": (4, 2)}
+    diffs = np.array([0.5, 0.0, -0.125, 0.5])
+    iv = paired_rate_difference(a, b)
+    half = 1.959963984540054 * diffs.std(ddof=1) / np.sqrt(4)
+    assert iv.n == 4 and iv.estimate == pytest.approx(diffs.mean(), abs=1e-12)
+    assert (iv.low, iv.high) == (pytest.approx(diffs.mean() - half, abs=1e-12),
+                                 pytest.approx(diffs.mean() + half, abs=1e-12))
+    assert paired_rate_difference(b, a).estimate == pytest.approx(-diffs.mean(), abs=1e-12)
+    with pytest.raises(ThinkforgeError, match="different problems"):
+        paired_rate_difference(a, {"p1": (8, 6)})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from thinkforge.train.vl_speedrun import load_vl_speedrun_config, run_vl_speedrun
 from thinkforge.utils import read_jsonl
 
@@ -48,6 +50,10 @@ def test_vl_smoke_runs_every_stage_and_writes_the_report(tmp_path):
         assert per_task["vl_count"]["pass1"]["estimate"] <= per_task["vl_count"]["passk"]["estimate"]
     assert len(read_jsonl(tmp_path / "run" / "eval" / "morl-sampled" / "vl_count" / "samples.jsonl")) == 4
     assert "sampled pass@1" in (tmp_path / "run" / "report.md").read_text()
+    (diff,) = stats["sampled_paired"]
+    assert (diff["a"], diff["b"], diff["task"], diff["n"]) == ("stage4_long_sft", "morl", "vl_count", 2)
+    s4, morl = (stats["sampled"][n]["vl_count"]["pass1"]["estimate"] for n in ("stage4_long_sft", "morl"))
+    assert diff["estimate"] == pytest.approx(morl - s4, abs=1e-6) and diff["low"] <= diff["estimate"] <= diff["high"]
     rows = read_jsonl(tmp_path / "run" / "morl" / "metrics.jsonl")
     assert any("reward/vl_count" in r for r in rows) and any("reward/vl_caption" in r for r in rows)
     # The Bradley-Terry reward model trained first and reached MORL's caption route through reward_options.

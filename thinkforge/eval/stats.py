@@ -158,3 +158,22 @@ def report_card(greedy: Sequence[Mapping[str, Any]], sampled: Sequence[Mapping[s
         card["sampled_pass1"] = pass_at_k_interval(list(s.values()), 1).to_dict()
         card[f"sampled_pass{k}"] = pass_at_k_interval(list(s.values()), k).to_dict()
     return card
+
+
+def paired_rate_difference(counts_a: Mapping[str, tuple[int, int]], counts_b: Mapping[str, tuple[int, int]],
+                           z: float = Z95) -> Interval:
+    """Mean over problems of B's per-problem sampled pass rate minus A's ((samples, correct) per problem id),
+    with a normal 95% interval over problems: the paired comparison of two models' sampled pass@1 on the
+    same problems (pairing removes the spread of problem difficulty from the interval)."""
+    if set(counts_a) != set(counts_b):
+        missing = sorted(set(counts_a) ^ set(counts_b))
+        raise ThinkforgeError(f"paired_rate_difference: the two models were sampled on different problems "
+                              f"(e.g. {missing[0]!r})")
+    if not counts_a:
+        raise ThinkforgeError("paired_rate_difference: no problems")
+    diffs = [counts_b[k][1] / counts_b[k][0] - counts_a[k][1] / counts_a[k][0] for k in counts_a]
+    m = len(diffs)
+    mean = math.fsum(diffs) / m
+    sd = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (m - 1)) if m > 1 else 0.0
+    half = z * sd / math.sqrt(m)
+    return Interval(mean, mean - half, mean + half, m)

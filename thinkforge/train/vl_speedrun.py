@@ -157,8 +157,8 @@ def run_vl_speedrun(cfg: VLSpeedrunConfig, progress: Any = None) -> dict[str, An
 def paired_statistics(eval_dir: Path, stage_names: list[str], cfg: VLSpeedrunConfig) -> dict[str, Any]:
     """Wilson intervals per stage and task, and McNemar's paired test of MORL against the SFT stage it started
     from, per task and pooled over the tasks RL trained on (same held-out problems, so the test is paired)."""
-    from thinkforge.eval.stats import mcnemar
-    from thinkforge.speedrun_report import greedy_correct, stage_statistics
+    from thinkforge.eval.stats import mcnemar, paired_rate_difference, per_problem_counts
+    from thinkforge.speedrun_report import greedy_correct, read_rows, stage_statistics
 
     pairs = [(stage_names[-2], "morl")] if "morl" in stage_names and len(stage_names) > 1 else []
     stats = stage_statistics(eval_dir, stage_names, list(cfg.eval_tasks), pairs)
@@ -172,6 +172,14 @@ def paired_statistics(eval_dir: Path, stage_names: list[str], cfg: VLSpeedrunCon
                 b.update(greedy_correct(eval_dir / after / t / "samples.jsonl"))
         if a and set(a) == set(b):
             stats["paired"].append({"a": before, "b": after, "task": "rl_tasks_pooled", **mcnemar(a, b).to_dict()})
+        # Sampled pass@1 (what RL optimises), paired per problem: B's pass rate minus A's, 95% interval.
+        stats["sampled_paired"] = []
+        for t in stats["sampled"].get(after, {}):
+            if t in stats["sampled"].get(before, {}):
+                ca, cb = (per_problem_counts(read_rows(eval_dir / f"{n}-sampled" / t / "samples.jsonl"))
+                          for n in (before, after))
+                stats["sampled_paired"].append({"a": before, "b": after, "task": t,
+                                                **paired_rate_difference(ca, cb).to_dict()})
     return stats
 
 
@@ -208,6 +216,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                 g = report["statistics"]["intervals"][name][t]
                 lines.append(f"| {name} | {t} | {_pct(g)} | {_pct(smp['pass1'])} | "
                              f"pass@{smp['k']} {_pct(smp['passk'])} |")
+        for d in report["statistics"].get("sampled_paired") or []:
+            lines.append(f"\nSampled pass@1, {d['b']} minus {d['a']} on {d['task']} (paired over {d['n']} problems): "
+                         f"{100 * d['estimate']:+.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}].")
     rm = report.get("reward_model")
     if rm:
         per_kind = ", ".join(f"{k} {100 * v:.1f}%" for k, v in rm["heldout_pair_accuracy"].items() if k != "all")

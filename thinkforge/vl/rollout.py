@@ -4,8 +4,10 @@
   `generate` (through `HFVLBackend`: vision tokens suppressed, 3D MRoPE, policy log-probs). A request
   with images comes in through `add_encoded`, which binds the processor's encoding (ids and pixels) to
   the request id: prompts of one task share their text, so equal prompt ids say nothing about the image.
-  Each `step` generates every queued request, one `generate` per request seeded with the request's seed,
-  so reruns match; it trades the native engine's continuous batching (text-only) for simplicity.
+  Each `step` generates every queued request to the end: requests with the same sampling settings share
+  batched `generate` calls (left-padded, at most `max_batch_size` rows), seeded with the batch's first
+  request seed, so a rerun of the same queue matches; it trades the native engine's continuous batching
+  (text-only) for simplicity.
 - `VLSeamlessRollout` is `SeamlessRollout` with prompts encoded by the VL processor; every group it
   admits carries its prompt's vision inputs (`Group.mm`), which `thinkforge.train.grpo.build_samples`
   hands to the trainer. Dynamic sampling, the easy pool, the reward router and the GRPO objective are
@@ -62,11 +64,20 @@ class VLRolloutEngine:
         self._queue = [q for q in self._queue if q[0] != request_id]
 
     def step(self) -> list[SequenceOutput]:
+        import dataclasses
+
         queue, self._queue = self._queue, []
+        batches: dict[str, list[tuple[str, VLEncoding, SamplingParams]]] = {}
+        for item in queue:  # one batch per sampling setting (seeds aside), in queue order
+            batches.setdefault(repr(dataclasses.replace(item[2], seed=None)), []).append(item)
         out = []
-        for rid, enc, params in queue:
-            for i, comp in enumerate(self.backend.generate_encoded([enc], params)[0]):
-                out.append(SequenceOutput(rid, i, comp))
+        for items in batches.values():
+            per_call = max(1, self.max_batch_size // items[0][2].n)  # prompts per generate: rows <= max_batch_size
+            for start in range(0, len(items), per_call):
+                chunk = items[start:start + per_call]
+                comps = self.backend.generate_encoded([enc for _, enc, _ in chunk], chunk[0][2])
+                for (rid, _, _), samples in zip(chunk, comps, strict=True):
+                    out += [SequenceOutput(rid, i, comp) for i, comp in enumerate(samples)]
         return out
 
     def has_unfinished(self) -> bool:
