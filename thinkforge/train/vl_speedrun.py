@@ -47,7 +47,7 @@ class VLSpeedrunConfig:
     eval_max_tokens: int = 48
     eval_batch_size: int = 32
     # T=1 samples per held-out problem of the RL tasks, for MORL and the stage it started from: sampled pass@1
-    # (what RL optimises) and pass@k (what it can reach) beside greedy; 0 = greedy only
+    # (the sampling policy RL trains; greedy is only its mode) and pass@k beside greedy; 0 = greedy only
     eval_samples: int = 0
 
 
@@ -172,7 +172,7 @@ def paired_statistics(eval_dir: Path, stage_names: list[str], cfg: VLSpeedrunCon
                 b.update(greedy_correct(eval_dir / after / t / "samples.jsonl"))
         if a and set(a) == set(b):
             stats["paired"].append({"a": before, "b": after, "task": "rl_tasks_pooled", **mcnemar(a, b).to_dict()})
-        # Sampled pass@1 (what RL optimises), paired per problem: B's pass rate minus A's, 95% interval.
+        # Sampled pass@1 (the sampling policy RL trains), paired per problem: B's pass rate minus A's, 95% interval.
         stats["sampled_paired"] = []
         for t in stats["sampled"].get(after, {}):
             if t in stats["sampled"].get(before, {}):
@@ -216,9 +216,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                 g = report["statistics"]["intervals"][name][t]
                 lines.append(f"| {name} | {t} | {_pct(g)} | {_pct(smp['pass1'])} | "
                              f"pass@{smp['k']} {_pct(smp['passk'])} |")
-        for d in report["statistics"].get("sampled_paired") or []:
-            lines.append(f"\nSampled pass@1, {d['b']} minus {d['a']} on {d['task']} (paired over {d['n']} problems): "
-                         f"{100 * d['estimate']:+.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}].")
+        diffs = report["statistics"].get("sampled_paired") or []
+        lines += [""] + [f"- Sampled pass@1, {d['b']} minus {d['a']} on {d['task']} (paired over {d['n']} problems): "
+                         f"{100 * d['estimate']:+.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]."
+                         for d in diffs] if diffs else []
     rm = report.get("reward_model")
     if rm:
         per_kind = ", ".join(f"{k} {100 * v:.1f}%" for k, v in rm["heldout_pair_accuracy"].items() if k != "all")
