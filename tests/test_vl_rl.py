@@ -50,6 +50,7 @@ def test_vl_rollout_groups_train_the_whole_model_on_policy(setup):
     finally:
         router.close()
     assert len(res.selected) == 2
+    assert not {g.slot.problem.id for g in res.groups} & set(rollout._pending)  # submitted: pixels not kept
     for g in res.selected:
         assert g.mm["pixel_values"] is not None and len(g.mm["mm_token_type_ids"]) == len(g.prompt_ids)
         assert sum(g.mm["mm_token_type_ids"]) == g.prompt_ids.count(proc.image_token_id) > 0
@@ -84,8 +85,12 @@ def test_requests_with_the_same_prompt_text_sample_from_their_own_images(setup):
     problems = tasks["vl_count"].problems("train", n=3, seed=0)
     encs = []
     for i, p in enumerate(problems):
-        rollout.prompt_ids(Slot(i, p, "main", i, 0))
-        encs.append(rollout._vl_encodings[p.id])
+        ids = rollout.prompt_ids(Slot(i, p, "main", i, 0))
+        encs.append(rollout._pending[p.id])
+        assert rollout.prompt_ids(Slot(i, p, "main", i, 0)) is ids  # ids are cached, the encoding waits
+    # Once submitted, an encoding is dropped (pixels of every problem seen would pile up) and re-made on a revisit.
+    again = rollout._encode(problems[0])
+    assert again.input_ids == encs[0].input_ids and torch.equal(again.pixel_values, encs[0].pixel_values)
     assert encs[0].input_ids == encs[1].input_ids == encs[2].input_ids
     assert not torch.equal(encs[0].pixel_values, encs[1].pixel_values)
     params = SamplingParams(temperature=1.0, max_tokens=6, n=2, seed=7, logprobs=True)

@@ -122,21 +122,25 @@ def build_vl_roles(cfg: Any, model: Any, processor: Any, router: Any) -> Any:
 class VLSeamlessRollout(SeamlessRollout):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._vl_encodings: dict[str, VLEncoding] = {}  # problem id -> its encoding (ids, pixels, token types)
+        # problem id -> its encoding (ids, pixels, token types), held from `prompt_ids` until the request is
+        # submitted: pixels for every problem a long run sees would grow without bound (ids alone are cached)
+        self._pending: dict[str, VLEncoding] = {}
+
+    def _encode(self, problem: Any) -> VLEncoding:
+        where = f"problem {problem.id}"
+        messages, images = split_images(self.tasks[problem.task].messages(problem, self.cfg.system_prompt), where)
+        return self.engine.processor.encode_chat(messages, images, where=where)
 
     def prompt_ids(self, slot: Any) -> list[int]:
         pid = slot.problem.id
         if pid not in self._prompt_cache:
-            task = self.tasks[slot.problem.task]
-            messages, images = split_images(task.messages(slot.problem, self.cfg.system_prompt), f"problem {pid}")
-            enc = self.engine.processor.encode_chat(messages, images, where=f"problem {pid}")
-            self._vl_encodings[pid] = enc
+            self._pending[pid] = enc = self._encode(slot.problem)
             self._prompt_cache[pid] = enc.input_ids
         return self._prompt_cache[pid]
 
     def _submit(self, g: Any, params: SamplingParams) -> None:
         # The request carries its own problem's images: every count prompt has the same ids.
-        enc = self._vl_encodings[g.slot.problem.id]
+        enc = self._pending.pop(g.slot.problem.id, None) or self._encode(g.slot.problem)
         g.mm = {"pixel_values": enc.pixel_values, "image_grid_thw": enc.image_grid_thw,
                 "mm_token_type_ids": enc.mm_token_type_ids, "suppress_ids": self.engine.processor.vision_token_ids}
         self.engine.add_encoded(enc, params, request_id=g.request_id)
