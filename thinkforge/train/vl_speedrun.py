@@ -4,7 +4,8 @@ tiny Qwen2.5-VL from config -> four-stage VL pretraining (`thinkforge.train.vl_p
 (`thinkforge.train.rl` on the VL checkpoint: fully on-policy GRPO, the per-task reward router, dynamic
 sampling and the easy pool), with held-out greedy accuracy per task after every stage (counting exact
 match, grounding Acc@0.5, point-in-box, digits via math-verify, charts, two-image comparison, caption
-exact match). With a `reward_model` section, a Bradley-Terry reward model (`thinkforge.train.reward_model`) is
+exact match), McNemar of MORL against the stage it started from, and with `eval_samples` T=1 pass@1 / pass@k
+of both and their paired difference. With a `reward_model` section, a Bradley-Terry reward model (`thinkforge.train.reward_model`) is
 trained first and handed to the `bt_preference` reward, which the rl section's routes mix in (MiMo-VL's
 preference reward beside the verifiable ones); its held-out pairwise accuracy goes in the report. Writes
 `report.json` and `report.md`. Finished stages are reused on a rerun (pretraining
