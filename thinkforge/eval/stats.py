@@ -124,12 +124,16 @@ def pass_at_k_interval(per_problem: Sequence[tuple[int, int]], k: int, z: float 
 
     if not per_problem:
         raise ThinkforgeError("pass_at_k_interval: no problems")
-    values = [pass_at_k(n, c, k) for n, c in per_problem]
+    mean, half = _mean_and_half_width([pass_at_k(n, c, k) for n, c in per_problem], z)
+    return Interval(mean, max(0.0, mean - half), min(1.0, mean + half), len(per_problem))
+
+
+def _mean_and_half_width(values: Sequence[float], z: float) -> tuple[float, float]:
+    """Mean of per-problem values and the half-width of its normal interval (sample sd over sqrt(m))."""
     m = len(values)
     mean = math.fsum(values) / m
     sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (m - 1)) if m > 1 else 0.0
-    half = z * sd / math.sqrt(m)
-    return Interval(mean, max(0.0, mean - half), min(1.0, mean + half), m)
+    return mean, z * sd / math.sqrt(m)
 
 
 def per_problem_counts(samples: Sequence[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
@@ -171,9 +175,6 @@ def paired_rate_difference(counts_a: Mapping[str, tuple[int, int]], counts_b: Ma
                               f"(e.g. {missing[0]!r})")
     if not counts_a:
         raise ThinkforgeError("paired_rate_difference: no problems")
-    diffs = [counts_b[k][1] / counts_b[k][0] - counts_a[k][1] / counts_a[k][0] for k in counts_a]
-    m = len(diffs)
-    mean = math.fsum(diffs) / m
-    sd = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (m - 1)) if m > 1 else 0.0
-    half = z * sd / math.sqrt(m)
-    return Interval(mean, mean - half, mean + half, m)
+    mean, half = _mean_and_half_width([counts_b[k][1] / counts_b[k][0] - counts_a[k][1] / counts_a[k][0]
+                                       for k in counts_a], z)
+    return Interval(mean, mean - half, mean + half, len(counts_a))
