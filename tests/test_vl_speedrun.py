@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from thinkforge.train.vl_speedrun import load_vl_speedrun_config, run_vl_speedrun
+from thinkforge.train.vl_speedrun import count_direction, load_vl_speedrun_config, run_vl_speedrun
 from thinkforge.utils import read_jsonl
 
 
@@ -54,6 +54,14 @@ def test_vl_smoke_runs_every_stage_and_writes_the_report(tmp_path):
     assert (diff["a"], diff["b"], diff["task"], diff["n"]) == ("stage4_long_sft", "morl", "vl_count", 2)
     s4, morl = (stats["sampled"][n]["vl_count"]["pass1"]["estimate"] for n in ("stage4_long_sft", "morl"))
     assert diff["estimate"] == pytest.approx(morl - s4, abs=1e-6) and diff["low"] <= diff["estimate"] <= diff["high"]
+    # Which way the greedy counts miss, per stage: every held-out answer is below, at, above the truth or unparsed.
+    bias = stats["answer_bias"]
+    assert set(bias) == set(report["stages"]) and all(set(b) == {"vl_count"} for b in bias.values())
+    for name, b in bias.items():
+        b = b["vl_count"]
+        assert b["below"] + b["exact"] + b["above"] + b["unparsed"] == b["n"] == 2
+        assert b["exact"] / 2 == report["stages"][name]["accuracy"]["vl_count"]
+    assert "| morl | vl_count |" in (tmp_path / "run" / "report.md").read_text()
     rows = read_jsonl(tmp_path / "run" / "morl" / "metrics.jsonl")
     assert any("reward/vl_count" in r for r in rows) and any("reward/vl_caption" in r for r in rows)
     # The Bradley-Terry reward model trained first and reached MORL's caption route through reward_options.
@@ -63,3 +71,13 @@ def test_vl_smoke_runs_every_stage_and_writes_the_report(tmp_path):
     assert morl["reward_options"]["bt_preference"]["path"] == rm["model_dir"]
     assert [r["name"] for r in morl["rewards"]["vl_caption"]] == ["caption_f1", "bt_preference"]
     assert "Bradley-Terry reward model" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_count_direction_splits_misses_into_below_and_above():
+    gold = {"a": "3", "b": "4", "c": "5", "d": "2", "e": "6"}
+    rows = [{"problem_id": "a", "extracted": "2"}, {"problem_id": "b", "extracted": "4"},
+            {"problem_id": "c", "extracted": "7"}, {"problem_id": "d", "extracted": None},
+            {"problem_id": "e", "extracted": " 5 "}]
+    got = count_direction(rows, gold)
+    assert got == {"below": 2, "exact": 1, "above": 1, "unparsed": 1, "n": 5, "mean_signed_error": 0.0}
+    assert count_direction(rows[:1], gold)["mean_signed_error"] == -1.0

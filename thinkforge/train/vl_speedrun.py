@@ -181,7 +181,42 @@ def paired_statistics(eval_dir: Path, stage_names: list[str], cfg: VLSpeedrunCon
                           for n in (before, after))
                 stats["sampled_paired"].append({"a": before, "b": after, "task": t,
                                                 **paired_rate_difference(ca, cb).to_dict()})
+    stats["answer_bias"] = answer_bias(eval_dir, stage_names, cfg)
     return stats
+
+
+def count_direction(rows: list[dict[str, Any]], gold: dict[str, str]) -> dict[str, Any]:
+    """How greedy integer answers miss: below / at / above the true value (unparsed apart), and the mean signed
+    error over parsed answers. A shift between below and above at equal accuracy is a moved threshold, not a
+    better reading of the image (issue 15: MORL on count turned undercounts into overcounts)."""
+    out = {"below": 0, "exact": 0, "above": 0, "unparsed": 0}
+    errors = []
+    for r in rows:
+        try:
+            said, truth = int(str(r.get("extracted")).strip()), int(gold[str(r["problem_id"])])
+        except (TypeError, ValueError):
+            out["unparsed"] += 1
+            continue
+        out["below" if said < truth else "above" if said > truth else "exact"] += 1
+        errors.append(said - truth)
+    return {**out, "n": len(rows), "mean_signed_error": round(sum(errors) / len(errors), 4) if errors else 0.0}
+
+
+def answer_bias(eval_dir: Path, stage_names: list[str], cfg: VLSpeedrunConfig) -> dict[str, dict[str, Any]]:
+    """count_direction per stage for the RL tasks whose held-out answers are all integers (counting)."""
+    from thinkforge.speedrun_report import read_rows
+    from thinkforge.tasks import get_task
+
+    out: dict[str, dict[str, Any]] = {}
+    for t in [t for t in (cfg.rl or {}).get("tasks") or cfg.eval_tasks if t in cfg.eval_tasks]:
+        gold = {p.id: p.answer for p in get_task(t).problems("heldout", n=cfg.eval_problems, seed=0)}
+        if not gold or not all(a.strip().lstrip("-").isdigit() for a in gold.values()):
+            continue
+        for name in stage_names:
+            rows = read_rows(eval_dir / name / t / "samples.jsonl")
+            if rows:
+                out.setdefault(name, {})[t] = count_direction(rows, gold)
+    return out
 
 
 def _pct(iv: dict[str, Any]) -> str:
@@ -221,6 +256,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [""] + [f"- Sampled pass@1, {d['b']} minus {d['a']} on {d['task']} (paired over {d['n']} problems): "
                          f"{100 * d['estimate']:+.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]."
                          for d in diffs] if diffs else []
+    bias = (report.get("statistics") or {}).get("answer_bias") or {}
+    if bias:
+        lines += ["", "Greedy integer answers against the truth (a move from below to above at the same accuracy is "
+                      "a shifted threshold, not better perception):", "",
+                  "| stage | task | below | exact | above | unparsed | mean signed error |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {t} | {b['below']} | {b['exact']} | {b['above']} | {b['unparsed']} | "
+                  f"{b['mean_signed_error']:+.2f} |" for name, per_task in bias.items() for t, b in per_task.items()]
     rm = report.get("reward_model")
     if rm:
         per_kind = ", ".join(f"{k} {100 * v:.1f}%" for k, v in rm["heldout_pair_accuracy"].items() if k != "all")
