@@ -61,6 +61,7 @@ def test_vl_smoke_runs_every_stage_and_writes_the_report(tmp_path):
         b = b["vl_count"]
         assert b["below"] + b["exact"] + b["above"] + b["unparsed"] == b["n"] == 2
         assert b["exact"] / 2 == report["stages"][name]["accuracy"]["vl_count"]
+        assert [sum(c[i] for c in b["exact_by_truth"].values()) for i in (0, 1)] == [b["exact"], 2]
     assert "| morl | vl_count |" in (tmp_path / "run" / "report.md").read_text()
     rows = read_jsonl(tmp_path / "run" / "morl" / "metrics.jsonl")
     assert any("reward/vl_count" in r for r in rows) and any("reward/vl_caption" in r for r in rows)
@@ -79,5 +80,6 @@ def test_count_direction_splits_misses_into_below_and_above():
             {"problem_id": "c", "extracted": "7"}, {"problem_id": "d", "extracted": None},
             {"problem_id": "e", "extracted": " 5 "}]
     got = count_direction(rows, gold)
-    assert got == {"below": 2, "exact": 1, "above": 1, "unparsed": 1, "n": 5, "mean_signed_error": 0.0}
+    assert got == {"below": 2, "exact": 1, "above": 1, "unparsed": 1, "n": 5, "mean_signed_error": 0.0,
+                   "exact_by_truth": {"2": [0, 1], "3": [0, 1], "4": [1, 1], "5": [0, 1], "6": [0, 1]}}
     assert count_direction(rows[:1], gold)["mean_signed_error"] == -1.0

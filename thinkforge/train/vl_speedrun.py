@@ -191,15 +191,21 @@ def count_direction(rows: list[dict[str, Any]], gold: dict[str, str]) -> dict[st
     better reading of the image (issue 15: MORL on count turned undercounts into overcounts)."""
     out = {"below": 0, "exact": 0, "above": 0, "unparsed": 0}
     errors = []
+    by_truth: dict[str, list[int]] = {}  # true value -> [exact, problems]
     for r in rows:
+        truth = int(gold[str(r["problem_id"])])
+        cell = by_truth.setdefault(str(truth), [0, 0])
+        cell[1] += 1
         try:
-            said, truth = int(str(r.get("extracted")).strip()), int(gold[str(r["problem_id"])])
-        except (TypeError, ValueError):
+            said = int(str(r.get("extracted")).strip())
+        except ValueError:
             out["unparsed"] += 1
             continue
         out["below" if said < truth else "above" if said > truth else "exact"] += 1
+        cell[0] += said == truth
         errors.append(said - truth)
-    return {**out, "n": len(rows), "mean_signed_error": round(sum(errors) / len(errors), 4) if errors else 0.0}
+    return {**out, "n": len(rows), "mean_signed_error": round(sum(errors) / len(errors), 4) if errors else 0.0,
+            "exact_by_truth": dict(sorted(by_truth.items(), key=lambda kv: int(kv[0])))}
 
 
 def answer_bias(eval_dir: Path, stage_names: list[str], cfg: VLSpeedrunConfig) -> dict[str, dict[str, Any]]:
@@ -260,9 +266,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     if bias:
         lines += ["", "Greedy integer answers against the truth (a move from below to above at the same accuracy is "
                       "a shifted threshold, not better perception):", "",
-                  "| stage | task | below | exact | above | unparsed | mean signed error |", "|---|---|---|---|---|---|---|"]
+                  "| stage | task | below | exact | above | unparsed | mean signed error | exact / problems by true value |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {name} | {t} | {b['below']} | {b['exact']} | {b['above']} | {b['unparsed']} | "
-                  f"{b['mean_signed_error']:+.2f} |" for name, per_task in bias.items() for t, b in per_task.items()]
+                  f"{b['mean_signed_error']:+.2f} | "
+                  + ", ".join(f"{v}: {c[0]}/{c[1]}" for v, c in b["exact_by_truth"].items()) + " |"
+                  for name, per_task in bias.items() for t, b in per_task.items()]
     rm = report.get("reward_model")
     if rm:
         per_kind = ", ".join(f"{k} {100 * v:.1f}%" for k, v in rm["heldout_pair_accuracy"].items() if k != "all")
