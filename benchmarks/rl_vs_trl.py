@@ -338,7 +338,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--warmup", type=int, default=2, help="warmup in rollout steps")
     ap.add_argument("--max-tokens", type=int, default=160)
-    ap.add_argument("--engine-max-batch", type=int, default=128, help="engine rows: thinkforge's rollouts and every evaluation")
+    ap.add_argument("--engine-max-batch", type=int, default=256, help="engine rows: thinkforge's rollouts and every evaluation")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")

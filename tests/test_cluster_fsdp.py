@@ -96,3 +96,30 @@ def test_two_process_fsdp2_step_equals_the_one_process_step(tmp_path):
         gap = float((sharded["weights"][k] - after[k]).norm())
         assert gap <= 1e-3 * step + 1e-12, (k, gap, step)
     json.dumps([{k: float(v) for k, v in s.items()} for s in single])  # statistics are plain numbers
+
+
+def test_length_sorted_token_budget_micro_batches_take_the_same_update(tmp_path):
+    """`micro_batch_tokens` only regroups a mini-batch's rows into forward passes (sorted by length, each pass at
+    most that many padded tokens): the statistics and the updated weights are those of one pass over all rows."""
+    from thinkforge.train.grpo import micro_batches
+    from thinkforge.train.rl import _update
+
+    micro = support.micro_model(tmp_path / "micro")
+    results = []
+    for rows_cap, tokens in ((64, 0), (64, 40)):
+        model, optimizer, batches, cfg, pad_id = build(micro)
+        cfg.micro_batch_size, cfg.micro_batch_tokens = rows_cap, tokens
+        stats = [_update(model, None, optimizer, rows, cfg, pad_id, "cpu", first=i == 0, step=1)
+                 for i, rows in enumerate(batches)]
+        results.append((stats, {k: v.detach().clone() for k, v in model.named_parameters()}))
+    passes = micro_batches(batches[0], 64, 40)
+    assert len(passes) > 2 and sorted(map(id, batches[0])) == sorted(id(r) for p in passes for r in p)
+    assert all(len(p) * max(len(r.input_ids) for r in p) <= 40 for p in passes)  # rows here are 7-18 tokens
+    lengths = [len(r.input_ids) for p in passes for r in p]
+    assert lengths == sorted(lengths)
+    (one, w_one), (many, w_many) = results
+    for a, b in zip(one, many, strict=True):
+        for key in ("loss", "grad_norm", "tokens", "clipped", "ratio", "drift"):
+            assert abs(b[key] - a[key]) <= 1e-9 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    assert max(float((w_one[k] - w_many[k]).abs().max()) for k in w_one) <= 1e-12
+    assert micro_batches(batches[0], 4)[0] and all(len(p) <= 4 for p in micro_batches(batches[0], 4))

@@ -26,6 +26,21 @@ def _slot_ids(sampler, k):
     return [(s.problem.id, s.source, s.seed) for s in (draw.next() for _ in range(k))], draw
 
 
+def test_main_stream_is_shuffled_epochs_whatever_order_it_is_read_in():
+    import random
+
+    problems = _problems(7)
+    s = ProblemSampler(problems, seed=5)
+    want = []
+    for epoch in range(4):  # each epoch: a permutation seeded by (seed, epoch), as before epochs were kept
+        order = list(range(7))
+        random.Random(5 * 7919 + epoch).shuffle(order)
+        want += order
+    assert [s.main_index(k) for k in range(28)] == want
+    assert [s.main_index(k) for k in (27, 0, 15, 3)] == [want[27], want[0], want[15], want[3]]  # evicted epochs too
+    assert sorted(want[7:14]) == list(range(7))
+
+
 def test_slot_stream_is_deterministic_and_commit_advances():
     a, b = ProblemSampler(_problems(), seed=3), ProblemSampler(_problems(), seed=3)
     first, draw = _slot_ids(a, 6)

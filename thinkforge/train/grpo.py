@@ -106,6 +106,21 @@ def build_samples(groups: list[Group], *, std_normalize: bool = True, overlong: 
     return out, {"truncated_frac": truncated / max(1, len(lengths))}
 
 
+def micro_batches(rows: list[TrainSample], max_rows: int, max_tokens: int = 0) -> list[list[TrainSample]]:
+    """A mini-batch's rows in forward passes: sorted by length (stable), then cut every `max_rows` rows or, with
+    `max_tokens` > 0, before a row would make the pass hold more than that many padded tokens (verl's dynamic
+    batch size). A pass pads to its longest row, so sorting keeps short rows from paying for long ones; the loss
+    is a sum over passes divided by the mini-batch's denominator, so the split does not change it."""
+    out: list[list[TrainSample]] = []
+    cur: list[TrainSample] = []
+    for r in sorted(rows, key=lambda r: len(r.input_ids)):
+        if cur and (len(cur) >= max_rows or (max_tokens and (len(cur) + 1) * len(r.input_ids) > max_tokens)):
+            out.append(cur)
+            cur = []
+        cur.append(r)
+    return out + [cur] if cur else out
+
+
 def collate(rows: list[TrainSample], pad_id: int, device: Any) -> dict[str, torch.Tensor]:
     width = max(len(r.input_ids) for r in rows)
     B = len(rows)
@@ -163,7 +178,8 @@ def token_logprobs(model: Any, batch: dict[str, torch.Tensor], temperature: floa
     vision = {k: batch[k] for k in MM_INPUTS if k in batch}
     if "pixel_values" in vision:
         vision["pixel_values"] = vision["pixel_values"].to(next(model.parameters()).dtype)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **vision).logits[:, :-1].float()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **vision).logits[:, :-1]
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # float64 stays (numerics checks)
     if "suppress_ids" in batch:  # the sampler never emits these: its distribution is renormalised without them
         logits = logits.index_fill(-1, batch["suppress_ids"], float("-inf"))
     logp_all = torch.log_softmax(logits / temperature, dim=-1)
