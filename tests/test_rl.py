@@ -160,6 +160,19 @@ def test_on_policy_mode_is_one_plain_update(micro, tmp_path):
     assert row["updates"] == 1 and row["clip_frac"] == 0.0 and row["ratio_mean"] == pytest.approx(1.0)
 
 
+def test_a_finished_run_is_not_trained_again_unless_its_config_changed(micro, tmp_path):
+    first = rl(_cfg(micro, tmp_path / "run", steps=1))
+    weights = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
+    rows = len(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
+    again = rl(_cfg(micro, tmp_path / "run", steps=1))  # a resumed speedrun: the finished stage is reused
+    assert again == json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert again["wall_s"] == first["wall_s"] and again["model_dir"] == first["model_dir"]
+    assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == weights
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == rows
+    changed = rl(_cfg(micro, tmp_path / "run", steps=1, lr=1e-3))  # another config trains
+    assert changed["config_hash"] != first["config_hash"] and changed["wall_s"] != first["wall_s"]
+
+
 def test_all_degenerate_stops_with_a_warning(micro, tmp_path):
     cfg = _cfg(micro, tmp_path / "run", steps=10, rewards={"arith": {"name": "test_constant", "value": 1.0}},
                max_degenerate_steps=2, max_slots_factor=2.0)

@@ -390,6 +390,9 @@ def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
     from thinkforge.cluster.trainer import launched_rank, run_rank
 
     cfg.check()
+    finished = _finished_run(cfg)
+    if finished is not None:
+        return finished
     launched = launched_rank()
     if launched and launched[0] and cfg.cluster_config().trainer_procs > 1:  # torchrun: a trainer-only rank
         run_rank(cfg, *launched)
@@ -404,6 +407,22 @@ def rl(cfg: RLConfig, progress: Any = None) -> dict[str, Any]:
             import ray
 
             ray.shutdown()
+
+
+def _finished_run(cfg: RLConfig) -> dict[str, Any] | None:
+    """The summary of a run that already finished in `out_dir` with this exact config, else None. Its
+    checkpoint is gone once the final model is written, so without this a rerun (a resumed speedrun) would
+    train again from step 0 and overwrite the model its evaluations were made with."""
+    import json
+
+    from thinkforge.utils import config_hash
+
+    done = Path(cfg.out_dir) / "summary.json"
+    if not done.exists():
+        return None
+    summary = json.loads(done.read_text())
+    same = summary.get("config_hash") == config_hash(asdict(cfg)) and summary.get("stage") == "rl"
+    return summary if same and (Path(summary.get("model_dir", "")) / "config.json").exists() else None
 
 
 def _start(cfg: RLConfig, started_ray: bool) -> tuple[Any, ...]:
