@@ -89,3 +89,20 @@ def test_sft_vs_trl_thinkforge_sides(tmp_path):
     packed, padded = res["thinkforge packed"], res["thinkforge padded"]
     assert packed["real_tokens"] == padded["real_tokens"] > 0  # same conversations, only the layout differs
     assert packed["tokens_per_s"] > 0 and padded["speedup_vs_reference"] == 1.0
+
+
+def test_rl_vs_trl_thinkforge_side_and_a_reused_work_dir(micro, tmp_path):
+    out, work = tmp_path / "r.json", tmp_path / "work"
+    args = ("--model", micro, "--skip-trl", "--max-steps", "1", "--eval-every", "1", "--eval-problems", "4",
+            "--batch-groups", "2", "--mini-batch-groups", "1", "--group-size", "4", "--max-tokens", "8",
+            "--train-problems", "16", "--target", "0.0", "--work-dir", str(work), "--out", str(out))
+    run_script("rl_vs_trl.py", *args)
+    res = json.loads(out.read_text())
+    (run,) = res["results"].values()
+    assert run["steps"] == 1 and run["stop_reason"] == "target" and run["time_to_target_s"] > 0
+    assert run["config"]["engine_max_batch"] == 256  # the benchmark's default engine rows
+    # A second run in the same work dir is refused (its finished thinkforge run would be handed back, not timed).
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rl_vs_trl.py"), *args], capture_output=True,
+                           text=True, timeout=300, cwd=ROOT, env=env)
+    assert again.returncode != 0 and "exists; use a new --work-dir" in again.stderr.strip().splitlines()[-1]
