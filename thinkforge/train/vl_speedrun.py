@@ -209,7 +209,7 @@ def count_direction(rows: list[dict[str, Any]], gold: dict[str, str]) -> dict[st
 
 
 def answer_bias(eval_dir: Path, stage_names: list[str], cfg: VLSpeedrunConfig) -> dict[str, dict[str, Any]]:
-    """count_direction per stage for the RL tasks whose held-out answers are all integers (counting)."""
+    """count_direction per stage for the RL tasks whose held-out answers are all integers (count, compare)."""
     from thinkforge.speedrun_report import read_rows
     from thinkforge.tasks import get_task
 
