@@ -28,10 +28,13 @@ stats = [fsdp_update(model, None, optimizer, rows, cfg, pad_id, "cpu", first=i =
 weights = full_weights(model)
 if rank == 0:
     torch.save({{"stats": stats, "weights": weights}}, {out!r})
-# As the trainer's ranks do: leave the group together (a rank exiting with gloo's threads alive can abort with
-# "terminate called without an active exception", seen once in four fresh-clone runs)
+# As the trainer's ranks do (thinkforge.cluster.trainer.main): leave the group together, then exit without
+# interpreter finalization, where gloo's threads aborted a rank ("terminate called without an active
+# exception", about one run in ten) even after destroy_process_group
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
+sys.stdout.flush(); sys.stderr.flush()
+import os; os._exit(0)
 """
 
 

@@ -398,6 +398,12 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     run_rank(build_config(RLConfig, spec["config"], "fsdp rank"), rank, spec["world"], spec["init"])
+    # The group is destroyed (run_rank's finally); skip interpreter finalization, where gloo's C++ threads can
+    # still abort the process (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291),
+    # which rank 0 would report as a failed rank.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
