@@ -129,4 +129,5 @@ def test_length_sorted_token_budget_micro_batches_take_the_same_update(tmp_path)
         for key in ("loss", "grad_norm", "tokens", "clipped", "ratio", "drift"):
             assert abs(b[key] - a[key]) <= 1e-9 * max(1.0, abs(a[key])), (key, a[key], b[key])
     assert max(float((w_one[k] - w_many[k]).abs().max()) for k in w_one) <= 1e-12
-    assert micro_batches(batches[0], 4)[0] and all(len(p) <= 4 for p in micro_batches(batches[0], 4))
+    assert [r for p in micro_batches(batches[0], 4) for r in p] == batches[0]  # 0 tokens: rows in their order
+    assert [len(p) for p in micro_batches(batches[0], 4)] == [4, 4, 2]

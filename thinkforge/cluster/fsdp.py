@@ -56,7 +56,7 @@ def fsdp_update(model: Any, ref: Any, optimizer: torch.optim.Optimizer, rows: li
 
     rank, world = dist.get_rank(), dist.get_world_size()
     denom = _loss_denominator(rows, cfg)
-    mine = sorted(rows[rank::world], key=lambda r: len(r.input_ids))  # a pass pads to its longest row
+    mine = rows[rank::world]
     n_micro = max(1, math.ceil(math.ceil(len(rows) / world) / cfg.micro_batch_size))
     totals = _new_totals()
     for i in range(n_micro):

@@ -107,14 +107,17 @@ def build_samples(groups: list[Group], *, std_normalize: bool = True, overlong: 
 
 
 def micro_batches(rows: list[TrainSample], max_rows: int, max_tokens: int = 0) -> list[list[TrainSample]]:
-    """A mini-batch's rows in forward passes: sorted by length (stable), then cut every `max_rows` rows or, with
-    `max_tokens` > 0, before a row would make the pass hold more than that many padded tokens (verl's dynamic
-    batch size). A pass pads to its longest row, so sorting keeps short rows from paying for long ones; the loss
-    is a sum over passes divided by the mini-batch's denominator, so the split does not change it."""
+    """A mini-batch's rows in forward passes. `max_tokens` 0: every `max_rows` rows in their order (bit for bit
+    what earlier runs did). `max_tokens` > 0: sorted by length (stable), cut every `max_rows` rows or before a row
+    would make the pass hold more than `max_tokens` padded tokens (verl's dynamic batch size): a pass pads to its
+    longest row, so short rows stop paying for long ones. The loss is a sum over passes divided by the
+    mini-batch's denominator, so the split changes only the order of float additions."""
+    if not max_tokens:
+        return [rows[i: i + max_rows] for i in range(0, len(rows), max_rows)]
     out: list[list[TrainSample]] = []
     cur: list[TrainSample] = []
     for r in sorted(rows, key=lambda r: len(r.input_ids)):
-        if cur and (len(cur) >= max_rows or (max_tokens and (len(cur) + 1) * len(r.input_ids) > max_tokens)):
+        if cur and (len(cur) >= max_rows or (len(cur) + 1) * len(r.input_ids) > max_tokens):
             out.append(cur)
             cur = []
         cur.append(r)
