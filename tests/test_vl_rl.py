@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+import tests.test_rl_support  # noqa: F401  (registers the test rewards, test_slow_digit among them)
 from thinkforge.rewards import RewardResult, RewardRouter, register_reward
 from thinkforge.rollout import ProblemSampler, RolloutConfig
 from thinkforge.tasks import get_task
@@ -158,3 +159,27 @@ def test_rl_runs_on_a_vl_checkpoint_with_the_text_loop(setup, tmp_path):
     start_w = {k: v for k, v in model.named_parameters()}
     assert any(not torch.equal(v, start_w[k]) for k, v in reloaded.named_parameters() if k in start_w)
     assert json.loads((final / "preprocessor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
+
+
+def test_vl_rl_with_a_reward_lag_is_the_same_run_whatever_the_reward_timing(setup, tmp_path):
+    """The VL engine generates whatever is queued in one batch, so without a fixed reward lag the batches (and
+    with them the samples) follow how fast rewards come back. With `reward_lag`, a slow reward changes nothing."""
+    from thinkforge.train.rl import rl
+    from thinkforge.utils import read_jsonl
+    from thinkforge.vl.model import save_vl
+
+    model, proc, _ = setup
+    start = tmp_path / "start"
+    save_vl(model, proc, start)
+    runs = []
+    for name, delay in (("fast", 0.0), ("slow", 0.03)):
+        rl(RLConfig(model=str(start), tasks=["vl_count"], out_dir=str(tmp_path / name),
+                    rewards={"vl_count": {"name": "test_slow_digit", "delay_s": delay}}, reward_lag=1,
+                    problems_per_task=6, steps=2, batch_groups=2, mini_batch_groups=2, group_size=3, max_tokens=8,
+                    on_policy=True, lr=1e-3, eval_problems=2, eval_max_tokens=8, reward_workers=2, save_every=100,
+                    overlong="none", device="cpu", dtype="float32", engine_dtype="float32", seed=0))
+        runs.append((read_jsonl(tmp_path / name / "rollouts.jsonl"),
+                     (tmp_path / name / "model" / "model.safetensors").read_bytes()))
+    (rollouts_a, weights_a), (rollouts_b, weights_b) = runs
+    assert len(rollouts_a) == 2 and rollouts_a == rollouts_b
+    assert weights_a == weights_b
