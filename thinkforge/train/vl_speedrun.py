@@ -163,14 +163,14 @@ def paired_statistics(eval_dir: Path, stage_names: list[str], cfg: VLSpeedrunCon
 
     pairs = [(stage_names[-2], "morl")] if "morl" in stage_names and len(stage_names) > 1 else []
     stats = stage_statistics(eval_dir, stage_names, list(cfg.eval_tasks), pairs)
+    rl_tasks = [t for t in (cfg.rl or {}).get("tasks") or cfg.eval_tasks if t in cfg.eval_tasks]  # RL's, evaluated
     if pairs:
         before, after = pairs[0]
         a: dict[str, bool] = {}
         b: dict[str, bool] = {}
-        for t in (cfg.rl or {}).get("tasks") or cfg.eval_tasks:
-            if t in cfg.eval_tasks:
-                a.update(greedy_correct(eval_dir / before / t / "samples.jsonl"))
-                b.update(greedy_correct(eval_dir / after / t / "samples.jsonl"))
+        for t in rl_tasks:
+            a.update(greedy_correct(eval_dir / before / t / "samples.jsonl"))
+            b.update(greedy_correct(eval_dir / after / t / "samples.jsonl"))
         if a and set(a) == set(b):
             stats["paired"].append({"a": before, "b": after, "task": "rl_tasks_pooled", **mcnemar(a, b).to_dict()})
         # Sampled pass@1 (the sampling policy RL trains), paired per problem: B's pass rate minus A's, 95% interval.
@@ -181,7 +181,7 @@ def paired_statistics(eval_dir: Path, stage_names: list[str], cfg: VLSpeedrunCon
                           for n in (before, after))
                 stats["sampled_paired"].append({"a": before, "b": after, "task": t,
                                                 **paired_rate_difference(ca, cb).to_dict()})
-    stats["answer_bias"] = answer_bias(eval_dir, stage_names, cfg)
+    stats["answer_bias"] = answer_bias(eval_dir, stage_names, rl_tasks, cfg.eval_problems)
     return stats
 
 
@@ -208,14 +208,15 @@ def count_direction(rows: list[dict[str, Any]], gold: dict[str, str]) -> dict[st
             "exact_by_truth": dict(sorted(by_truth.items(), key=lambda kv: int(kv[0])))}
 
 
-def answer_bias(eval_dir: Path, stage_names: list[str], cfg: VLSpeedrunConfig) -> dict[str, dict[str, Any]]:
-    """count_direction per stage for the RL tasks whose held-out answers are all integers (count, compare)."""
+def answer_bias(eval_dir: Path, stage_names: list[str], tasks: list[str], problems: int) -> dict[str, dict[str, Any]]:
+    """count_direction per stage for those of `tasks` whose held-out answers are all integers (count, compare);
+    the gold answers are the `problems` held-out problems every stage was evaluated on."""
     from thinkforge.speedrun_report import read_rows
     from thinkforge.tasks import get_task
 
     out: dict[str, dict[str, Any]] = {}
-    for t in [t for t in (cfg.rl or {}).get("tasks") or cfg.eval_tasks if t in cfg.eval_tasks]:
-        gold = {p.id: p.answer for p in get_task(t).problems("heldout", n=cfg.eval_problems, seed=0)}
+    for t in tasks:
+        gold = {p.id: p.answer for p in get_task(t).problems("heldout", n=problems, seed=0)}
         if not gold or not all(a.strip().lstrip("-").isdigit() for a in gold.values()):
             continue
         for name in stage_names:
