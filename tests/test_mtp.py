@@ -191,6 +191,36 @@ def test_extension_copies_layer0_and_trains_only_the_copies(tok):
     assert not torch.equal(after["model.mtp_layers.1.input_proj.weight"], before["model.mtp_layers.0.input_proj.weight"])
 
 
+def test_self_distillation_targets_the_main_models_next_token_and_moves_only_the_chosen_layers(tok):
+    torch.manual_seed(0)
+    model = tiny(tok, 1)
+    M.extend_mtp_layers(model, 2)
+    x = torch.randint(3, 200, (2, 12))
+    # Layer i at t is graded against the main model's distribution at t + i + 1 (what verification uses).
+    logits, mtp_logits = M.mtp_forward(model, x)
+    p = logits[:, 2:].float().softmax(-1)
+    want = -(p * mtp_logits[1][:, :-2].float().log_softmax(-1)).sum(-1).mean()
+    loss, extras = M.mtp_self_distill_loss(model, x, train_layers=[1])
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert extras["mtp_kl_0"] > 0 and 0 <= extras["mtp_agree_1"] <= 1
+    entropy = -(p * logits[:, 2:].float().log_softmax(-1)).sum(-1).mean()
+    assert extras["mtp_kl_1"] == pytest.approx((want - entropy).item(), rel=1e-4)
+    # Training the chosen layers lowers their KL to the main model and leaves everything else as it was.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    M.freeze_for_extension(model, first=0)
+    opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=3e-3)
+    kl0 = extras["mtp_kl_0"]
+    for _ in range(30):
+        loss, extras = M.mtp_self_distill_loss(model, x, train_layers=[0])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert extras["mtp_kl_0"] < 0.5 * kl0
+    after = model.state_dict()
+    changed = {k for k, v in before.items() if not torch.equal(after[k], v)}
+    assert changed and all(k.startswith("model.mtp_layers.0.") for k in changed)
+
+
 def test_freeze_mtp_for_rl(tok):
     model = tiny(tok, 2)
     assert M.freeze_mtp(model) == len(list(model.model.mtp_layers.parameters()))
@@ -275,6 +305,28 @@ def test_mtp_extend_cli(tok, tmp_path):
     assert M.num_mtp_layers(model) == 3
     res = subprocess.run(run[:-10] + ["--layers", "1"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: --layers must be >= 2")
+
+
+def test_self_distilled_extension_on_the_models_own_answers(tok, tmp_path):
+    from safetensors.torch import load_file
+
+    from thinkforge.train.mtp_extend import MTPExtendConfig, mtp_extend
+
+    src = tmp_path / "src"
+    save_model(tiny(tok, 1), tok, src)
+    cfg = dict(model=str(src), layers=3, steps=3, seq_len=32, batch_size=4, target="self", train_first=True,
+               generate=6, generate_tokens=16, device="cpu")
+    summary = mtp_extend(MTPExtendConfig(out_dir=str(tmp_path / "o"), **cfg))
+    assert summary["generate_s"] > 0 and {"mtp_kl_0", "mtp_agree_2"} <= set(summary["final"])
+    before, after = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "o" / "model" / "model.safetensors"))
+    main = [k for k in before if "mtp_layers" not in k]
+    assert main and all(torch.equal(before[k], after[k]) for k in main)  # the main model is the teacher: frozen
+    assert not torch.equal(before["model.mtp_layers.0.input_proj.weight"], after["model.mtp_layers.0.input_proj.weight"])
+    assert {k for k in after if k.startswith("model.mtp_layers.2.")}
+    with pytest.raises(ThinkforgeError, match="target must be 'data' or 'self'"):
+        mtp_extend(MTPExtendConfig(out_dir=str(tmp_path / "x"), **{**cfg, "target": "main"}))
+    with pytest.raises(ThinkforgeError, match="not both"):
+        mtp_extend(MTPExtendConfig(out_dir=str(tmp_path / "x"), data=str(tmp_path / "d.jsonl"), **cfg))
 
 
 def test_model_modules_import_no_trainer():

@@ -27,7 +27,7 @@ def mtp_extend_cmd(
                        where="mtp-extend")
     with progress_bar() as bar:
         summary = mtp_extend(cfg, bar)
-    accs = ", ".join(f"{k}={v:.3f}" for k, v in summary["final"].items() if k.startswith("mtp_acc"))
+    accs = ", ".join(f"{k}={v:.3f}" for k, v in summary["final"].items() if k.startswith(("mtp_acc", "mtp_agree")))
     typer.echo(f"extended to {summary['layers']} MTP layers ({accs}) -> {summary['model_dir']}")
 
 

@@ -133,12 +133,13 @@ def freeze_mtp(model: Any, frozen: bool = True) -> int:
     return n
 
 
-def freeze_for_extension(model: Any) -> list[str]:
-    """MiMo's extension recipe, step 2: everything frozen except MTP layers 1..; returns trainable names."""
+def freeze_for_extension(model: Any, first: int = 1) -> list[str]:
+    """MiMo's extension recipe, step 2: everything frozen except MTP layers `first`.. (MiMo: 1..);
+    returns trainable names."""
     for p in model.parameters():
         p.requires_grad_(False)
     layers = mtp_layers(model)
-    for layer in list(layers)[1:]:
+    for layer in list(layers)[first:]:
         for p in layer.parameters():
             p.requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]
@@ -238,6 +239,37 @@ def mtp_lm_loss(model: Any, inputs: torch.Tensor, labels: torch.Tensor, *, weigh
             terms.append(li)
     mtp = torch.stack(terms).mean() if terms else logits.new_zeros(())
     loss = (main if include_main else 0.0) + w * mtp
+    return loss, extras
+
+
+def mtp_self_distill_loss(model: Any, inputs: torch.Tensor, *, train_layers: list[int] | None = None,
+                          ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Self-distillation of the MTP layers onto the frozen main model (Medusa-2 / EAGLE's draft target):
+    layer i at t is trained towards the main model's own next-token distribution at t + i + 1, the one
+    that speculative decoding verifies its draft against, instead of the document's next token. Soft
+    cross-entropy (KL up to the teacher's entropy), mean over positions that have a target. Extras:
+    mtp_kl_i and mtp_agree_i (layer i's argmax equals the main model's: its greedy acceptance rate under
+    teacher forcing)."""
+    logits, mtp_logits = mtp_forward(model, inputs)
+    use = list(range(len(mtp_logits))) if train_layers is None else train_layers
+    extras: dict[str, float] = {}
+    terms = []
+    for i, lg in enumerate(mtp_logits):
+        T = inputs.shape[1] - i - 1  # positions whose target position t + i + 1 exists
+        if T < 1:
+            continue
+        with torch.no_grad():
+            teacher = logits[:, i + 1:].float()
+            p = teacher.softmax(-1)
+            entropy = -(p * teacher.log_softmax(-1)).sum(-1).mean()
+        logq = lg[:, :T].float().log_softmax(-1)
+        ce = -(p * logq).sum(-1).mean()
+        extras[f"mtp_kl_{i}"] = (ce - entropy).item()
+        with torch.no_grad():
+            extras[f"mtp_agree_{i}"] = (lg[:, :T].argmax(-1) == teacher.argmax(-1)).float().mean().item()
+        if i in use:
+            terms.append(ce)
+    loss = torch.stack(terms).mean() if terms else logits.new_zeros(())
     return loss, extras
 
 
