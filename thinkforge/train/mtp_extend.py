@@ -36,7 +36,8 @@ from thinkforge.train.pretrain import PretrainConfig, TokenStream, stage_documen
 @dataclass
 class MTPExtendConfig:
     """MiMo's recipe for more draft tokens: copy MTP layer 0 into layers 1..k-1, then train those with
-    the main model and layer 0 frozen (MTP loss of layers 1.. only)."""
+    the main model and layer 0 frozen (MTP loss of layers 1.. only). `target="self"`, `train_first=True`
+    and `generate=N` make it the self-distillation variant (module docstring)."""
 
     model: str = ""
     out_dir: str = "runs/mtp-extend"
@@ -97,8 +98,6 @@ def _self_generated_documents(cfg: MTPExtendConfig, model: Any, tokenizer: Any) 
     problems = {t: get_task(t).problems("train", n=per_task, seed=cfg.seed) for t in cfg.tasks}
     prompts = [apply_chat_template(tokenizer, get_task(t).messages(problems[t][i]))
                for i in range(per_task) for t in cfg.tasks][: cfg.generate]
-    if not cfg.generate_temperatures:
-        raise ThinkforgeError("mtp-extend: generate_temperatures is empty")
     engine = LLMEngine(model.eval(), tokenizer, max_batch_size=128)
     docs: list[str] = []
     m = len(cfg.generate_temperatures)
@@ -124,6 +123,8 @@ def mtp_extend(cfg: MTPExtendConfig, progress: Any = None) -> dict[str, Any]:
         raise ThinkforgeError(f"mtp-extend: target must be 'data' or 'self', got {cfg.target!r}")
     if cfg.generate and cfg.data:
         raise ThinkforgeError("mtp-extend: give either data (a jsonl) or generate (self-generated documents), not both")
+    if cfg.generate and not cfg.generate_temperatures:
+        raise ThinkforgeError("mtp-extend: generate_temperatures is empty")
     out_dir = ensure_writable_dir(cfg.out_dir)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
