@@ -104,8 +104,7 @@ def _self_generated_documents(cfg: MTPExtendConfig, model: Any, tokenizer: Any) 
     for j, temperature in enumerate(cfg.generate_temperatures):  # contiguous slices: both tasks in each
         part = prompts[j * len(prompts) // m:(j + 1) * len(prompts) // m]
         params = SamplingParams(temperature=temperature, max_tokens=cfg.generate_tokens, seed=cfg.seed + j)
-        with torch.no_grad():
-            outs = engine.generate([tokenizer(p, add_special_tokens=False)["input_ids"] for p in part], params)
+        outs = engine.generate([tokenizer(p, add_special_tokens=False)["input_ids"] for p in part], params)
         docs += [p + tokenizer.decode(o[0].token_ids) for p, o in zip(part, outs, strict=True)]
     return docs
 
@@ -138,6 +137,7 @@ def mtp_extend(cfg: MTPExtendConfig, progress: Any = None) -> dict[str, Any]:
     extend_mtp_layers(model, cfg.layers)
     first = 0 if cfg.train_first else 1
     freeze_for_extension(model, first)
+    train_layers = list(range(first, cfg.layers))
     model.train()
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     stream = TokenStream(docs, tokenizer, cfg.seq_len)
@@ -151,10 +151,10 @@ def mtp_extend(cfg: MTPExtendConfig, progress: Any = None) -> dict[str, Any]:
             group["lr"] = lr
         tokens = stream.batch(cfg.batch_size, cfg.seed, step).to(device)
         if cfg.target == "self":
-            loss, extras = mtp_self_distill_loss(model, tokens, train_layers=list(range(first, cfg.layers)))
+            loss, extras = mtp_self_distill_loss(model, tokens, train_layers=train_layers)
         else:
-            loss, extras = mtp_lm_loss(model, tokens[:, :-1], tokens[:, 1:], weight=1.0,
-                                       train_layers=list(range(first, cfg.layers)), include_main=False)
+            loss, extras = mtp_lm_loss(model, tokens[:, :-1], tokens[:, 1:], weight=1.0, train_layers=train_layers,
+                                       include_main=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
